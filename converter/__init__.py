@@ -1,0 +1,1 @@
+"""liftoff convert: OCI images into the chunked, content-addressed store format."""

@@ -1,0 +1,75 @@
+"""Finding images and layers in a store: records by digest or name, layer indexes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from layerstore.errors import FormatError, LiftoffError, ObjectNotFound
+from layerstore.index import decode_index
+from layerstore.layout import IMAGES, digest_from_key, image_key, layer_index_key
+from layerstore.oci.reference import parse_reference
+from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
+from layerstore.records import ImageRecord, IndexRecord, parse_image_key_record
+from layerstore.stores import Store, StoreChain
+
+Record = ImageRecord | IndexRecord
+
+
+def _chain(stores: Store | StoreChain) -> StoreChain:
+    return stores if isinstance(stores, StoreChain) else StoreChain([stores])
+
+
+def load_record(stores: Store | StoreChain, digest: str) -> Record:
+    """The image or index record of a manifest digest."""
+    key = image_key(digest)
+    return parse_image_key_record(_chain(stores).get(key), key)
+
+
+def iter_records(stores: Store | StoreChain) -> Iterator[tuple[str, Record]]:
+    """Every (digest, record) in the stores; unreadable records are skipped."""
+    chain = _chain(stores)
+    for key in sorted(chain.list(IMAGES)):
+        digest = digest_from_key(key, IMAGES)
+        try:
+            yield digest, parse_image_key_record(chain.get(key), key)
+        except (ObjectNotFound, FormatError):
+            continue
+
+
+def find_image(stores: Store | StoreChain, name: str) -> tuple[str, Record]:
+    """Resolve `name` (a manifest digest, or a reference the image was converted from) to its record."""
+    if name.startswith("sha256:"):
+        try:
+            return name, load_record(stores, name)
+        except ObjectNotFound:
+            raise ObjectNotFound(f"no image {name} in the store: run liftoff convert first") from None
+    wanted = {name}
+    try:
+        wanted.add(str(parse_reference(name)))
+    except LiftoffError:
+        pass
+    matches = [(d, r) for d, r in iter_records(stores) if wanted & set(r.references)]
+    indexes = [m for m in matches if isinstance(m[1], IndexRecord)]
+    if indexes:
+        return indexes[0]
+    if matches:
+        return matches[0]
+    raise ObjectNotFound(f"no image named {name!r} in the store: run liftoff convert {name} first, or pass a digest")
+
+
+def image_records(stores: Store | StoreChain, record: Record) -> list[ImageRecord]:
+    """The image records behind a record: itself, or each platform of an index."""
+    if isinstance(record, ImageRecord):
+        return [record]
+    out = []
+    for child in record.manifests:
+        child_record = load_record(stores, child["digest"])
+        if isinstance(child_record, ImageRecord):
+            out.append(child_record)
+    return out
+
+
+def load_index(stores: Store | StoreChain, layer_digest: str) -> pb.LayerIndex:
+    """A layer's parsed, validated index."""
+    key = layer_index_key(layer_digest)
+    return decode_index(_chain(stores).get(key), key)

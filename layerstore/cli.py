@@ -1,0 +1,65 @@
+"""The `liftoff` command: one entry point, a subcommand per job.
+
+Each component registers its own subcommands (a `register(subparsers)`
+function); heavy imports happen only when a subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from layerstore import __version__
+from layerstore.errors import LiftoffError
+
+COMPONENTS = ["converter.cli"]
+
+
+def add_store_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--store (repeatable, priority order) and the S3 connection options."""
+    parser.add_argument(
+        "--store",
+        action="append",
+        required=required,
+        metavar="URL",
+        help="store URL: file:///path or s3://bucket/prefix (repeat: own region first)",
+    )
+    parser.add_argument("--endpoint-url", help="S3 endpoint for s3:// stores (default: AWS configuration)")
+    parser.add_argument("--region", help="S3 region (default: AWS configuration)")
+    parser.add_argument("--path-style", action="store_true", help="path-style S3 addressing (most S3-compatible servers)")
+
+
+def store_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments for layerstore.stores.open_store from parsed options."""
+    return {"endpoint_url": args.endpoint_url, "region": args.region, "path_style": args.path_style or None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liftoff", description="Fast starts for AI serving replicas.")
+    parser.add_argument("--version", action="version", version=f"liftoff {__version__}")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMPONENTS:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the liftoff command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except LiftoffError as e:
+        print(f"liftoff: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("liftoff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

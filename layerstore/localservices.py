@@ -1,0 +1,184 @@
+"""Real services on loopback for the demo, the tests and the benchmarks.
+
+Debian's docker-registry (a real OCI registry) and an S3 server speaking the
+real S3 protocol (moto in server mode), each a child process with its own
+state directory and log file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from layerstore.errors import LiftoffError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None, ok=(200, 401, 403, 404)) -> None:
+    """Poll `url` until it answers with one of `ok`; fail early if `process` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise LiftoffError(f"{url}: the server exited with code {process.returncode} before it was ready")
+        try:
+            if requests.get(url, timeout=2).status_code in ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise LiftoffError(f"{url} did not come up within {timeout:.0f} s")
+
+
+@dataclass
+class Service:
+    """A child process with a log file; stop() ends it."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    extra: dict = field(default_factory=dict)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _spawn(name: str, argv: list[str], workdir: Path, env: dict | None = None) -> Service:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    log = open(log_path, "ab")
+    try:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    finally:
+        log.close()
+    return Service(name, process, log_path)
+
+
+@dataclass
+class Registry:
+    """A docker-registry on loopback: `host` is host:port for references."""
+
+    service: Service
+    host: str
+    root: Path
+    htpasswd: tuple[str, str] | None = None
+
+    def blob_gets(self) -> int:
+        """Blob GETs in the access log so far (what a lazy pull must not do)."""
+        return sum(1 for line in self.service.log().splitlines() if '"GET /v2/' in line and "/blobs/sha256:" in line)
+
+    def stop(self) -> None:
+        self.service.stop()
+
+
+def start_registry(workdir: str | os.PathLike[str], credentials: tuple[str, str] | None = None, port: int | None = None) -> Registry:
+    """Start Debian's docker-registry on 127.0.0.1 with storage under `workdir`."""
+    binary = shutil.which("docker-registry")
+    if not binary:
+        raise LiftoffError("docker-registry is not installed (apt-get install docker-registry)")
+    workdir = Path(workdir)
+    port = port or free_port()
+    root = workdir / "storage"
+    root.mkdir(parents=True, exist_ok=True)
+    auth = ""
+    if credentials:
+        htpasswd = workdir / "htpasswd"
+        hashed = subprocess.run(["htpasswd", "-Bbn", *credentials], check=True, capture_output=True, text=True).stdout
+        htpasswd.write_text(hashed)
+        auth = f"auth:\n  htpasswd:\n    realm: liftoff\n    path: {htpasswd}\n"
+    config = workdir / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: info\n  accesslog:\n    disabled: false\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n" + auth
+    )
+    service = _spawn("registry", [binary, "serve", str(config)], workdir)
+    wait_for_http(f"http://127.0.0.1:{port}/v2/", process=service.process)
+    return Registry(service, f"127.0.0.1:{port}", root, credentials)
+
+
+@dataclass
+class S3Server:
+    """An S3 server on loopback (moto server mode) with fixed test credentials."""
+
+    service: Service
+    endpoint: str
+
+    def env(self) -> dict[str, str]:
+        """Environment for boto3 clients (and child processes) to reach this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": "liftoff",
+            "AWS_SECRET_ACCESS_KEY": "liftoff-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def client(self):
+        import boto3
+
+        env = self.env()
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_DEFAULT_REGION"],
+        )
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        self.service.stop()
+
+
+def start_s3(workdir: str | os.PathLike[str], port: int | None = None) -> S3Server:
+    """Start moto's S3 server on 127.0.0.1."""
+    port = port or free_port()
+    service = _spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], Path(workdir))
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for_http(endpoint + "/moto-api/", process=service.process, timeout=60)
+    return S3Server(service, endpoint)
+
+
+def push_layout(layout: str | os.PathLike[str], tag: str, registry: str, repository: str, credentials: tuple[str, str] | None = None) -> str:
+    """Push oci:LAYOUT:TAG to registry/repository:tag with skopeo; returns the reference."""
+    reference = f"{registry}/{repository}:{tag}"
+    argv = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--all", "--preserve-digests"]
+    if credentials:
+        argv += ["--dest-creds", f"{credentials[0]}:{credentials[1]}"]
+    argv += [f"oci:{layout}:{tag}", f"docker://{reference}"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LiftoffError(f"skopeo copy to {reference} failed: {done.stderr.strip()}")
+    return reference

@@ -1,0 +1,1 @@
+"""OCI images: references, media types, registry and image-layout access."""

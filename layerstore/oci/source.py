@@ -1,0 +1,142 @@
+"""Image sources for conversion: a registry reference or an OCI image layout directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from layerstore.digests import check_digest, hex_of
+from layerstore.errors import ImageError
+from layerstore.oci import mediatypes
+from layerstore.oci.auth import DockerCredentials
+from layerstore.oci.reference import Reference, parse_reference
+from layerstore.oci.registry import RegistryClient
+
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+
+
+class ImageSource(Protocol):
+    """Where an image's manifests and blobs come from."""
+
+    name: str  # the source as the user wrote it, for messages and records
+    reference: str | None  # a registry reference to record with the image, if any
+
+    def resolve(self) -> tuple[str, bytes, str]:
+        """The top-level manifest or index: (media type, bytes, digest)."""
+        ...
+
+    def manifest(self, digest: str) -> tuple[str, bytes]:
+        """A child manifest of an index, by digest: (media type, bytes)."""
+        ...
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """A stream of the blob's bytes."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def read_blob(source: ImageSource, digest: str, limit: int, what: str) -> bytes:
+    """A small blob (a config), read whole and digest-verified."""
+    with source.open_blob(digest) as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ImageError(f"{source.name}: {what} {digest} is over the {limit} byte limit")
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise ImageError(f"{source.name}: {what} {digest} does not match its digest")
+    return data
+
+
+class RegistrySource:
+    """An image in a registry, by reference (host[:port]/repo[:tag][@digest])."""
+
+    def __init__(self, text: str, *, plain_http: bool = False, docker_config: str | None = None) -> None:
+        self.name = text
+        self.ref: Reference = parse_reference(text)
+        self.reference = str(self.ref)
+        self.client = RegistryClient(
+            self.ref.registry,
+            endpoint=self.ref.endpoint,
+            plain_http=plain_http,
+            credentials=DockerCredentials(docker_config),
+        )
+
+    def resolve(self) -> tuple[str, bytes, str]:
+        return self.client.get_manifest(self.ref)
+
+    def manifest(self, digest: str) -> tuple[str, bytes]:
+        media_type, body, _ = self.client.get_manifest(self.ref, digest)
+        return media_type, body
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        return self.client.open_blob(self.ref, digest)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LayoutSource:
+    """An OCI image layout directory: oci:DIR[:TAG]."""
+
+    def __init__(self, text: str) -> None:
+        self.name = text
+        self.reference = None
+        spec = text[len("oci:") :] if text.startswith("oci:") else text
+        directory, tag = spec, None
+        if ":" in spec and "/" not in spec.rsplit(":", 1)[1] and not os.path.isdir(spec):
+            directory, tag = spec.rsplit(":", 1)
+        self.root = Path(directory)
+        self.tag = tag
+        if not (self.root / "index.json").is_file():
+            raise ImageError(f"{text}: {self.root} is not an OCI image layout (no index.json)")
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / hex_of(check_digest(digest))
+
+    def resolve(self) -> tuple[str, bytes, str]:
+        try:
+            index = json.loads((self.root / "index.json").read_text())
+            manifests = index["manifests"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ImageError(f"{self.name}: malformed index.json ({e})") from None
+        if self.tag is not None:
+            chosen = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME_ANNOTATION) == self.tag]
+            if not chosen:
+                raise ImageError(f"{self.name}: no image tagged {self.tag!r} in {self.root}/index.json")
+        elif len(manifests) == 1:
+            chosen = manifests
+        else:
+            tags = sorted((m.get("annotations") or {}).get(REF_NAME_ANNOTATION, "?") for m in manifests)
+            raise ImageError(f"{self.name}: the layout holds {len(manifests)} images; name one as oci:DIR:TAG ({', '.join(tags)})")
+        descriptor = chosen[0]
+        digest = check_digest(descriptor.get("digest", ""), "manifest digest")
+        media_type, body = self.manifest(digest)
+        return descriptor.get("mediaType") or media_type, body, digest
+
+    def manifest(self, digest: str) -> tuple[str, bytes]:
+        try:
+            body = self._blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"{self.name}: manifest blob {digest} is missing from the layout") from None
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            raise ImageError(f"{self.name}: manifest blob {digest} does not match its digest")
+        return "", body
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        try:
+            return open(self._blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise ImageError(f"{self.name}: blob {digest} is missing from the layout") from None
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(text: str, *, plain_http: bool = False, docker_config: str | None = None) -> ImageSource:
+    """An ImageSource for `oci:DIR[:TAG]` or a registry reference."""
+    if text.startswith("oci:"):
+        return LayoutSource(text)
+    return RegistrySource(text, plain_http=plain_http, docker_config=docker_config)

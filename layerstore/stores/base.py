@@ -1,0 +1,60 @@
+"""The Store interface: a flat namespace of immutable-by-convention objects."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+Bytes = bytes | bytearray | memoryview
+
+
+class Store(abc.ABC):
+    """A place that holds liftoff objects under string keys ("chunks/sha256/ab/ab..")."""
+
+    url: str
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ObjectNotFound if absent, StoreError if the store fails."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: Bytes) -> None:
+        """Write the object atomically: readers see the old object, or all of the new one."""
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None if it does not exist."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys that start with `prefix`, in no particular order."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object if it exists."""
+
+    def sizes(self, keys: Iterable[str]) -> dict[str, int | None]:
+        """size() of many keys at once (concurrently where the store is remote)."""
+        return {key: self.size(key) for key in keys}
+
+    def copy_to(self, key: str, dest: Store) -> int:
+        """Copy one object to `dest` (server-side where both allow it); returns bytes copied."""
+        data = self.get(key)
+        dest.put(key, data)
+        return len(data)
+
+    def sync(self) -> None:
+        """Make every completed put durable before dependent objects are written."""
+
+    def close(self) -> None:
+        """Release connections and threads."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def parallel_sizes(store: Store, keys: Iterable[str], pool: ThreadPoolExecutor) -> dict[str, int | None]:
+    """size() of every key, run on `pool` (for stores where one lookup is a round trip)."""
+    keys = list(keys)
+    return dict(zip(keys, pool.map(store.size, keys), strict=True))

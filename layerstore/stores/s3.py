@@ -1,0 +1,132 @@
+"""s3:// stores through boto3 (AWS S3 or any S3-compatible server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from layerstore.errors import ObjectNotFound, StoreError
+from layerstore.stores.base import Bytes, Store, parallel_sizes
+
+_NETWORK_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ResponseStreamingError,
+)
+
+
+class S3Store(Store):
+    """Objects under s3://bucket/prefix/; a PUT is atomic, so no temp objects are needed.
+
+    Endpoint, region and credentials come from the standard AWS configuration
+    (environment, ~/.aws/config, instance roles), overridable per store.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        path_style: bool = False,
+        max_connections: int = 32,
+    ) -> None:
+        if not bucket:
+            raise StoreError("s3 store URL has no bucket: use s3://bucket[/prefix]")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self.endpoint_url = endpoint_url
+        config = botocore.config.Config(
+            max_pool_connections=max_connections,
+            retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            s3={"addressing_style": "path" if path_style else "auto"},
+        )
+        session = boto3.session.Session(region_name=region)
+        self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._where = f"{self.url} (endpoint {self.client.meta.endpoint_url})"
+        self._pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3store")
+
+    def _fail(self, action: str, key: str, e: Exception) -> StoreError:
+        if isinstance(e, botocore.exceptions.ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectNotFound(f"{key} not found in {self._where}")
+            if code == "NoSuchBucket":
+                return StoreError(f"bucket {self.bucket!r} does not exist at {self._where}: create it or fix the URL")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StoreError(f"access denied to {self._where} ({action} {key}): check the AWS credentials")
+            return StoreError(f"cannot {action} {key} in {self._where}: {code or status} {e}")
+        if isinstance(e, botocore.exceptions.NoCredentialsError):
+            return StoreError(f"no AWS credentials for {self._where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+        if isinstance(e, _NETWORK_ERRORS):
+            return StoreError(f"store {self._where} is unreachable ({action} {key}): {e}")
+        return StoreError(f"cannot {action} {key} in {self._where}: {e}")
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            return response["Body"].read()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._fail("read", key, e) from None
+
+    def put(self, key: str, data: Bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=bytes(data))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._fail("write", key, e) from None
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)["ContentLength"]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            error = self._fail("stat", key, e)
+            if isinstance(error, ObjectNotFound):
+                return None
+            raise error from None
+
+    def sizes(self, keys: Iterable[str]) -> dict[str, int | None]:
+        return parallel_sizes(self, keys, self._pool)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"][len(self.prefix) :]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._fail("list", prefix, e) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._fail("delete", key, e) from None
+
+    def copy_to(self, key: str, dest: Store) -> int:
+        if isinstance(dest, S3Store) and dest.client.meta.endpoint_url == self.client.meta.endpoint_url:
+            try:
+                result = dest.client.copy_object(
+                    Bucket=dest.bucket,
+                    Key=dest.prefix + key,
+                    CopySource={"Bucket": self.bucket, "Key": self.prefix + key},
+                )
+                del result
+                return 0
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+                raise self._fail("copy", key, e) from None
+        return super().copy_to(key, dest)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.client.close()
