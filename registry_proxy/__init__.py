@@ -1,0 +1,1 @@
+"""liftoff proxy: a pull-through, caching, converting OCI registry mirror for containerd."""

@@ -1,0 +1,1 @@
+"""Ray Serve integration: vLLM replicas on liftoff, and replica compaction."""

@@ -1,0 +1,1 @@
+"""liftoff snapshotter: a containerd proxy-plugin snapshotter with lazy remote layers."""

@@ -1,0 +1,1 @@
+"""weightstream: safetensors from S3 straight into CPU and GPU memory."""
