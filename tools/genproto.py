@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,12 +32,14 @@ def generate(out: Path) -> None:
     from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
-    has_services = [p for p in protos if "service " in (PROTO_DIR / p).read_text()]
-    args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--pyi_out={out}"]
-    if has_services:
-        args.append(f"--grpc_python_out={out}")
-    if protoc.main(args + protos) != 0:
+    has_services = [p for p in protos if re.search(r"^service ", (PROTO_DIR / p).read_text(), re.M)]
+    # google/protobuf/*.proto (Empty, Timestamp, FieldMask) come from grpcio-tools' bundled copies; the
+    # generated code imports them from the protobuf runtime, so they are not generated here.
+    includes = [f"-I{PROTO_DIR}", f"-I{resources.files('grpc_tools') / '_proto'}"]
+    if protoc.main(["protoc", *includes, f"--python_out={out}", f"--pyi_out={out}", *protos]) != 0:
         raise SystemExit("protoc failed")
+    if has_services and protoc.main(["protoc", *includes, f"--grpc_python_out={out}", *has_services]) != 0:
+        raise SystemExit("protoc (grpc) failed")
     top_packages = {Path(p).parts[0] for p in protos}
     pattern = re.compile(r"^(from|import) (%s)\b" % "|".join(map(re.escape, top_packages)), re.M)
     for path in out.rglob("*.py*"):
