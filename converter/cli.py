@@ -101,7 +101,10 @@ def _print_summary(s: dict) -> None:
         print(f"{image['manifest_digest']}  {platform}")
         for layer in image["layers"]:
             state = "already converted" if layer["already_converted"] else f"{layer['chunks_new']} new chunks"
-            print(f"  {layer['digest'][:19]}  {layer['bytes_in'] / 1e6:9.1f} MB  {layer['files']:7d} files  {layer['chunks']:6d} chunks  {state}")
+            print(
+                f"  {layer['digest'][:19]}  {layer['bytes_in'] / 1e6:9.1f} MB  {layer['files']:7d} files  "
+                f"{layer['chunks']:6d} chunks  {state}"
+            )
     rate = s["bytes_in"] / s["seconds"] / 1e6 if s["seconds"] else 0
     print(
         f"{s['image']}: {s['bytes_in'] / 1e6:.1f} MB, {s['files']} files, {s['chunks_total']} chunks "
@@ -148,8 +151,10 @@ def run_ls(args: argparse.Namespace) -> int:
             print(f"{row['digest']}  index  {','.join(row['platforms'])}  {refs}")
         else:
             profile = "profile" if row["profile"] else "-"
-            print(f"{row['digest']}  {row['platforms'][0]}  {row['layers']} layers  {row['tar_bytes'] / 1e6:.1f} MB  "
-                  f"{row['files']} files  {profile}  {refs}")
+            print(
+                f"{row['digest']}  {row['platforms'][0]}  {row['layers']} layers  {row['tar_bytes'] / 1e6:.1f} MB  "
+                f"{row['files']} files  {profile}  {refs}"
+            )
     return 0
 
 
@@ -163,14 +168,22 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"{info['digest']}  {', '.join(info['references']) or '-'}")
     for image in info["images"]:
         print(f"  {image['manifest_digest']}  {image['platform']}  converted {image['converted_at']} by {image['converter']}")
-        print(f"  {'layer':19}  {'entries':>8} {'files':>7} {'dirs':>6} {'links':>6} {'wh':>4} {'MB':>9} {'chunks':>7} {'stored MB':>9}")
+        print(
+            f"  {'layer':19}  {'entries':>8} {'files':>7} {'dirs':>6} {'links':>6} {'wh':>4} {'MB':>9} "
+            f"{'chunks':>7} {'stored MB':>9}"
+        )
         for layer in image["layers"]:
-            print(f"  {layer['digest'][:19]}  {layer['entries']:8d} {layer['files']:7d} {layer['dirs']:6d} {layer['symlinks']:6d} "
-                  f"{layer['whiteouts']:4d} {layer['file_bytes'] / 1e6:9.1f} {layer['chunks']:7d} {layer['stored_bytes'] / 1e6:9.1f}")
+            print(
+                f"  {layer['digest'][:19]}  {layer['entries']:8d} {layer['files']:7d} {layer['dirs']:6d} {layer['symlinks']:6d} "
+                f"{layer['whiteouts']:4d} {layer['file_bytes'] / 1e6:9.1f} {layer['chunks']:7d} "
+                f"{layer['stored_bytes'] / 1e6:9.1f}"
+            )
         ratio = image["compression_ratio"]
-        print(f"  {image['tar_bytes'] / 1e6:.1f} MB of tar in {image['stored_bytes'] / 1e6:.1f} MB of unique chunks"
-              f"{f' ({ratio}x)' if ratio else ''}; {image['chunks_shared_between_layers'] / 1e6:.1f} MB shared between layers;"
-              f" profile: {image['profile_chunks']} chunks")
+        print(
+            f"  {image['tar_bytes'] / 1e6:.1f} MB of tar in {image['stored_bytes'] / 1e6:.1f} MB of unique chunks"
+            f"{f' ({ratio}x)' if ratio else ''}; {image['chunks_shared_between_layers'] / 1e6:.1f} MB shared between layers;"
+            f" profile: {image['profile_chunks']} chunks"
+        )
     return 0
 
 

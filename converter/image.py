@@ -12,7 +12,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from converter.layer import LayerSpec, convert_layer
 from converter.progress import Progress
@@ -136,7 +136,9 @@ def _convert_index(source, stores, options, uploader, digest, media_type, body, 
     for child in chosen:
         child_digest = check_digest(child.get("digest", ""), "manifest digest")
         child_type, child_body = source.manifest(child_digest)
-        child_type, child_doc = mediatypes.parse_document(child_body, child.get("mediaType") or child_type, f"{source.name}@{child_digest}")
+        child_type, child_doc = mediatypes.parse_document(
+            child_body, child.get("mediaType") or child_type, f"{source.name}@{child_digest}"
+        )
         if child_type in mediatypes.INDEXES:
             raise ImageError(f"{source.name}: nested image indexes are not supported ({child_digest})")
         results.append(_convert_manifest(source, stores, options, uploader, child_digest, child_type, child_body, child_doc))
@@ -247,7 +249,9 @@ def _convert_one_layer(source, stores, options, uploader, spec: LayerSpec, chain
     key = layer_index_key(spec.digest)
     existing = _existing_index(stores, key)
     if existing is not None:
-        files = sum(1 for e in existing.entries)
+        if existing.layer_size != spec.size:
+            raise ImageError(f"the manifest says {spec.size} bytes, but blob {spec.digest} is {existing.layer_size} bytes")
+        files = len(existing.entries)
         return LayerResult(spec.digest, spec.diff_id, chain_id, existing.tar_size, files, len(existing.chunks), 0, 0, True)
     with source.open_blob(spec.digest) as blob:
         converted = convert_layer(
@@ -309,4 +313,4 @@ def _put_image_record(store: Store, key: str, record: ImageRecord | IndexRecord)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

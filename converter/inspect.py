@@ -16,20 +16,29 @@ def list_images(stores: StoreChain) -> list[dict]:
     for digest, record in iter_records(stores):
         if isinstance(record, IndexRecord):
             platforms = [_platform(m.get("platform") or {}) for m in record.manifests]
-            rows.append({"digest": digest, "kind": "index", "references": record.references, "platforms": platforms,
-                         "converted_at": record.converted_at})
+            rows.append(
+                {
+                    "digest": digest,
+                    "kind": "index",
+                    "references": record.references,
+                    "platforms": platforms,
+                    "converted_at": record.converted_at,
+                }
+            )
         else:
-            rows.append({
-                "digest": digest,
-                "kind": "image",
-                "references": record.references,
-                "platforms": [_platform(record.platform)],
-                "layers": len(record.layers),
-                "tar_bytes": sum(layer.tar_size for layer in record.layers),
-                "files": sum(layer.files for layer in record.layers),
-                "profile": bool(record.profile),
-                "converted_at": record.converted_at,
-            })
+            rows.append(
+                {
+                    "digest": digest,
+                    "kind": "image",
+                    "references": record.references,
+                    "platforms": [_platform(record.platform)],
+                    "layers": len(record.layers),
+                    "tar_bytes": sum(layer.tar_size for layer in record.layers),
+                    "files": sum(layer.files for layer in record.layers),
+                    "profile": bool(record.profile),
+                    "converted_at": record.converted_at,
+                }
+            )
     return rows
 
 

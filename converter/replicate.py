@@ -29,10 +29,8 @@ def replicate(source: Store, target: Store, names: list[str] | None, workers: in
     image record, so the target never holds a record whose data is missing.
     """
     chain = StoreChain([source])
-    if names is None:
-        roots = [digest for digest, _ in iter_records(chain)]
-    else:
-        roots = [find_image(chain, name)[0] for name in names]
+    everything = names is None
+    roots = [digest for digest, _ in iter_records(chain)] if everything else [find_image(chain, n)[0] for n in names]
     stats = ReplicateStats()
     with ThreadPoolExecutor(workers, thread_name_prefix="replicate") as pool:
         for digest in roots:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from layerstore.errors import StoreError
 from layerstore.layout import chunk_key
 from layerstore.stores import Store
 
@@ -51,6 +52,7 @@ class ChunkUploader:
         self._slots = threading.BoundedSemaphore(max_pending)
         self._lock = threading.Lock()
         self._done: dict[bytes, int] = {}  # sha256 -> stored size, present in every store
+        self._inflight: dict[bytes, threading.Event] = {}
         self._local = threading.local()
 
     def submit(self, data: memoryview) -> Future[ChunkInfo]:
@@ -77,8 +79,27 @@ class ChunkUploader:
             stored = self._done.get(sha256)
             self.stats.chunks += 1
             self.stats.raw_bytes += size
+            leader = stored is None and sha256 not in self._inflight
+            if leader:
+                self._inflight[sha256] = threading.Event()
+            waiting = self._inflight.get(sha256)
         if stored is not None:
             return ChunkInfo(sha256, size, stored, uploaded=0)
+        if not leader:  # the same content is being uploaded by another worker: wait for it
+            waiting.wait()
+            with self._lock:
+                stored = self._done.get(sha256)
+            if stored is None:
+                raise StoreError(f"chunk {sha256.hex()}: the upload of identical content failed")
+            return ChunkInfo(sha256, size, stored, uploaded=0)
+        try:
+            return self._upload(sha256, data)
+        finally:
+            with self._lock:
+                self._inflight.pop(sha256).set()
+
+    def _upload(self, sha256: bytes, data: memoryview) -> ChunkInfo:
+        size = len(data)
         key = chunk_key(sha256)
         sizes = [store.size(key) for store in self.stores]
         missing = [store for store, found in zip(self.stores, sizes, strict=True) if found is None]

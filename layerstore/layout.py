@@ -1,9 +1,9 @@
 """Object keys of the store layout (DESIGN.md section 2).
 
-    chunks/sha256/<2 hex>/<64 hex>    one zstd frame, named by the sha256 of its uncompressed bytes
-    layers/sha256/<64 hex>/index      a layer's index (protobuf, zstd), by the OCI layer digest
-    chains/sha256/<64 hex>            chainID -> layer record (JSON)
-    images/sha256/<64 hex>            image record per manifest or index digest (JSON)
+chunks/sha256/<2 hex>/<64 hex>    one zstd frame, named by the sha256 of its uncompressed bytes
+layers/sha256/<64 hex>/index      a layer's index (protobuf, zstd), by the OCI layer digest
+chains/sha256/<64 hex>            chainID -> layer record (JSON)
+images/sha256/<64 hex>            image record per manifest or index digest (JSON)
 """
 
 from __future__ import annotations

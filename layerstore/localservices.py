@@ -100,8 +100,16 @@ class Registry:
         self.service.stop()
 
 
-def start_registry(workdir: str | os.PathLike[str], credentials: tuple[str, str] | None = None, port: int | None = None) -> Registry:
-    """Start Debian's docker-registry on 127.0.0.1 with storage under `workdir`."""
+def start_registry(
+    workdir: str | os.PathLike[str],
+    credentials: tuple[str, str] | None = None,
+    port: int | None = None,
+    auth_config: str | None = None,
+) -> Registry:
+    """Start Debian's docker-registry on 127.0.0.1 with storage under `workdir`.
+
+    `credentials` turns on htpasswd basic auth; `auth_config` is a raw `auth:` YAML section.
+    """
     binary = shutil.which("docker-registry")
     if not binary:
         raise LiftoffError("docker-registry is not installed (apt-get install docker-registry)")
@@ -115,6 +123,8 @@ def start_registry(workdir: str | os.PathLike[str], credentials: tuple[str, str]
         hashed = subprocess.run(["htpasswd", "-Bbn", *credentials], check=True, capture_output=True, text=True).stdout
         htpasswd.write_text(hashed)
         auth = f"auth:\n  htpasswd:\n    realm: liftoff\n    path: {htpasswd}\n"
+    elif auth_config:
+        auth = auth_config
     config = workdir / "config.yml"
     config.write_text(
         "version: 0.1\n"
@@ -171,10 +181,22 @@ def start_s3(workdir: str | os.PathLike[str], port: int | None = None) -> S3Serv
     return S3Server(service, endpoint)
 
 
-def push_layout(layout: str | os.PathLike[str], tag: str, registry: str, repository: str, credentials: tuple[str, str] | None = None) -> str:
-    """Push oci:LAYOUT:TAG to registry/repository:tag with skopeo; returns the reference."""
+def push_layout(
+    layout: str | os.PathLike[str],
+    tag: str,
+    registry: str,
+    repository: str,
+    credentials: tuple[str, str] | None = None,
+    docker_format: bool = False,
+) -> str:
+    """Push oci:LAYOUT:TAG to registry/repository:tag with skopeo; returns the reference.
+
+    Digests are preserved, or with `docker_format` skopeo rewrites the manifest
+    as Docker v2 schema 2 (the layer blobs stay the same).
+    """
     reference = f"{registry}/{repository}:{tag}"
-    argv = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--all", "--preserve-digests"]
+    argv = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--all"]
+    argv += ["--format", "v2s2"] if docker_format else ["--preserve-digests"]
     if credentials:
         argv += ["--dest-creds", f"{credentials[0]}:{credentials[1]}"]
     argv += [f"oci:{layout}:{tag}", f"docker://{reference}"]

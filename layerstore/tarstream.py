@@ -239,7 +239,10 @@ class TarReader:
 
     @staticmethod
     def _check_sum(header: bytes) -> None:
-        stored = _number(header[148:156], "checksum")
+        try:
+            stored = _number(header[148:156], "checksum")
+        except ImageError:
+            stored = -1
         unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
         if stored == unsigned:
             return
@@ -310,6 +313,10 @@ class TarReader:
         if not path and entry.type != pb.ENTRY_TYPE_DIRECTORY:
             raise ImageError("tar entry for the layer root is not a directory")
         parent, _, base = path.rpartition(b"/")
+        if path.startswith(WHITEOUT_META_PREFIX) and path != OPAQUE_MARKER:
+            self.skipped.append(path)  # aufs metadata (.wh..wh.plnk/...): not content
+            entry.type = -1
+            return
         self._check_not_beneath_symlink(entry)
         if base.startswith(WHITEOUT_PREFIX):
             if base == OPAQUE_MARKER:

@@ -57,9 +57,7 @@ class DockerCredentials:
 
     def _from_helper(self, helper: str, server: str) -> tuple[str, str] | None:
         try:
-            done = subprocess.run(
-                [f"docker-credential-{helper}", "get"], input=server.encode(), capture_output=True, timeout=30
-            )
+            done = subprocess.run([f"docker-credential-{helper}", "get"], input=server.encode(), capture_output=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
         if done.returncode != 0:

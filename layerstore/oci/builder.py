@@ -125,6 +125,18 @@ class LayoutWriter:
             digest, size = self.add_blob(compress(tar, comp))
             layer_descs.append({"mediaType": _LAYER_TYPES[(style, comp)], "digest": digest, "size": size})
             diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+        return self.add_manifest(layer_descs, diff_ids, config=config, platform=platform, docker=docker)
+
+    def add_manifest(
+        self,
+        layer_descs: list[dict],
+        diff_ids: list[str],
+        *,
+        config: dict | None = None,
+        platform: tuple[str, str] = ("linux", "amd64"),
+        docker: bool = False,
+    ) -> dict:
+        """Add a manifest over blobs already added (descriptors and diff_ids as given, unchecked)."""
         config_doc = {
             "architecture": platform[1],
             "os": platform[0],

@@ -67,7 +67,9 @@ class RegistryClient:
             except requests.exceptions.SSLError as e:
                 reason = re.search(r"SSLError\(\d+, '([^']+)'", str(e))
                 detail = reason.group(1) if reason else "handshake failed"
-                raise RegistryError(f"TLS failed talking to {self.registry} ({detail}); for a plain-HTTP registry pass --plain-http") from None
+                raise RegistryError(
+                    f"TLS failed talking to {self.registry} ({detail}); for a plain-HTTP registry pass --plain-http"
+                ) from None
             except requests.exceptions.RequestException as e:
                 hint = "" if self.plain_http else " (for a plain-HTTP registry pass --plain-http)"
                 raise RegistryError(f"registry {self.registry} is unreachable: {_short(e)}{hint}") from None
@@ -83,7 +85,10 @@ class RegistryClient:
         creds = self.credentials.lookup(self.registry)
         if scheme == "basic":
             if not creds:
-                raise RegistryError(f"401 Unauthorized from {self.registry}: it needs credentials; run docker login {self.registry} or add them to {self.credentials.path}")
+                raise RegistryError(
+                    f"401 Unauthorized from {self.registry}: it needs credentials; "
+                    f"run docker login {self.registry} or add them to {self.credentials.path}"
+                )
             return _basic(*creds)
         if scheme != "bearer":
             raise RegistryError(f"401 Unauthorized from {self.registry} with an unsupported challenge {challenge!r}")
@@ -99,7 +104,9 @@ class RegistryClient:
         except requests.exceptions.RequestException as e:
             raise RegistryError(f"token service {realm} for {self.registry} is unreachable: {_short(e)}") from None
         if response.status_code != 200:
-            raise RegistryError(f"token service {realm} refused access to {scope} ({response.status_code}); check credentials for {self.registry}")
+            raise RegistryError(
+                f"token service {realm} refused access to {scope} ({response.status_code}); check credentials for {self.registry}"
+            )
         try:
             body = response.json()
             token = body.get("token") or body["access_token"]
@@ -117,7 +124,9 @@ class RegistryClient:
             pass
         status = response.status_code
         if status == 401:
-            return RegistryError(f"401 Unauthorized for {what} on {self.registry}{detail}; check credentials ({self.credentials.path})")
+            return RegistryError(
+                f"401 Unauthorized for {what} on {self.registry}{detail}; check credentials ({self.credentials.path})"
+            )
         if status == 404:
             return RegistryError(f"{what} not found on {self.registry} (404){detail}")
         return RegistryError(f"{self.registry} answered {status} for {what}{detail}")
@@ -125,8 +134,14 @@ class RegistryClient:
     def get_manifest(self, reference: Reference, ref: str | None = None) -> tuple[str, bytes, str]:
         """Fetch a manifest or index: (media type, exact bytes, digest), digest-verified."""
         ref = ref or reference.ref
-        what = f"manifest {reference.repository}:{ref}" if not ref.startswith("sha256:") else f"manifest {reference.repository}@{ref}"
-        response = self._request("GET", f"/v2/{reference.repository}/manifests/{ref}", reference.repository, {"Accept": mediatypes.ACCEPT}, stream=True)
+        what = (
+            f"manifest {reference.repository}:{ref}"
+            if not ref.startswith("sha256:")
+            else f"manifest {reference.repository}@{ref}"
+        )
+        response = self._request(
+            "GET", f"/v2/{reference.repository}/manifests/{ref}", reference.repository, {"Accept": mediatypes.ACCEPT}, stream=True
+        )
         with response:
             if response.status_code != 200:
                 raise self._error(response, what)

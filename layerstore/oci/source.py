@@ -10,7 +10,6 @@ from typing import BinaryIO, Protocol
 
 from layerstore.digests import check_digest, hex_of
 from layerstore.errors import ImageError
-from layerstore.oci import mediatypes
 from layerstore.oci.auth import DockerCredentials
 from layerstore.oci.reference import Reference, parse_reference
 from layerstore.oci.registry import RegistryClient
@@ -56,7 +55,8 @@ class RegistrySource:
     def __init__(self, text: str, *, plain_http: bool = False, docker_config: str | None = None) -> None:
         self.name = text
         self.ref: Reference = parse_reference(text)
-        self.reference = str(self.ref)
+        # Record tags, not digests: the record's own key is the digest.
+        self.reference = str(Reference(self.ref.registry, self.ref.repository, self.ref.tag)) if self.ref.tag else None
         self.client = RegistryClient(
             self.ref.registry,
             endpoint=self.ref.endpoint,
@@ -110,7 +110,9 @@ class LayoutSource:
             chosen = manifests
         else:
             tags = sorted((m.get("annotations") or {}).get(REF_NAME_ANNOTATION, "?") for m in manifests)
-            raise ImageError(f"{self.name}: the layout holds {len(manifests)} images; name one as oci:DIR:TAG ({', '.join(tags)})")
+            raise ImageError(
+                f"{self.name}: the layout holds {len(manifests)} images; name one as oci:DIR:TAG ({', '.join(tags)})"
+            )
         descriptor = chosen[0]
         digest = check_digest(descriptor.get("digest", ""), "manifest digest")
         media_type, body = self.manifest(digest)

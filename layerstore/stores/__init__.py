@@ -10,7 +10,7 @@ from layerstore.stores.base import Store
 from layerstore.stores.chain import StoreChain
 from layerstore.stores.file import FileStore
 
-__all__ = ["Store", "StoreChain", "FileStore", "open_store", "open_stores"]
+__all__ = ["FileStore", "Store", "StoreChain", "open_store", "open_stores"]
 
 _TRUE = {"1", "true", "yes", "on"}
 

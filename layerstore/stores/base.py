@@ -44,10 +44,10 @@ class Store(abc.ABC):
         dest.put(key, data)
         return len(data)
 
-    def sync(self) -> None:
+    def sync(self) -> None:  # noqa: B027 - a no-op unless the store buffers writes
         """Make every completed put durable before dependent objects are written."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op unless the store holds resources
         """Release connections and threads."""
 
     def __repr__(self) -> str:
