@@ -14,7 +14,7 @@ import sys
 from layerstore import __version__
 from layerstore.errors import LiftoffError
 
-COMPONENTS = ["converter.cli"]
+COMPONENTS = ["converter.cli", "snapshotter.cli"]
 
 
 def add_store_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
