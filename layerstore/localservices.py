@@ -204,3 +204,115 @@ def push_layout(
     if done.returncode != 0:
         raise LiftoffError(f"skopeo copy to {reference} failed: {done.stderr.strip()}")
     return reference
+
+
+def _wait_for_socket(path: Path, service: Service, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise LiftoffError(
+                f"{service.name} exited with code {service.process.returncode} before it was ready; log {service.log_path}:\n"
+                + service.log()[-2000:]
+            )
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                pass
+        time.sleep(0.05)
+    service.stop()
+    raise LiftoffError(f"{service.name} did not listen on {path} within {timeout:.0f} s; log {service.log_path}")
+
+
+def start_snapshotter(
+    root: str | os.PathLike[str],
+    socket_path: str | os.PathLike[str],
+    workdir: str | os.PathLike[str] | None = None,
+    metrics: str | None = None,
+    log_level: str = "debug",
+    timeout: float = 30.0,
+) -> Service:
+    """Start `liftoff snapshotter --root ROOT --socket SOCKET` as a child; returns once it listens.
+
+    The log goes to WORKDIR/snapshotter.log (WORKDIR defaults to ROOT's parent).
+    `extra` holds "root" and "socket".
+    """
+    root, socket_path = Path(root).absolute(), Path(socket_path).absolute()
+    argv = [sys.executable, "-m", "layerstore.cli", "snapshotter", "--root", str(root), "--socket", str(socket_path)]
+    argv += ["--log-level", log_level] + (["--metrics", metrics] if metrics else [])
+    service = _spawn("snapshotter", argv, Path(workdir) if workdir else root.parent)
+    service.extra.update(root=root, socket=socket_path)
+    _wait_for_socket(socket_path, service, timeout)
+    return service
+
+
+@dataclass
+class Containerd:
+    """Debian's containerd as a child with a private root, state and socket; `ctr()` talks to it."""
+
+    service: Service
+    address: str
+    root: Path
+    state: Path
+    config_path: Path
+
+    def ctr(self, *args: str, namespace: str = "default", check: bool = True, timeout: float = 300) -> str:
+        """Run `ctr --address ADDRESS --namespace NS ARGS`; returns stdout (raises on failure when `check`)."""
+        argv = ["ctr", "--address", self.address, "--namespace", namespace, *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and done.returncode != 0:
+            raise LiftoffError(f"ctr {' '.join(args)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        return done.stdout
+
+    def stop(self) -> None:
+        self.service.stop()
+
+    def log(self) -> str:
+        return self.service.log()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def containerd_config(workdir: Path, snapshotter_socket: str | os.PathLike[str] | None, plugin_name: str = "liftoff") -> str:
+    """A version 2 containerd config: private root/state/sockets, CRI off, a snapshot proxy plugin."""
+    text = (
+        "version = 2\n"
+        f'root = "{workdir / "root"}"\n'
+        f'state = "{workdir / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",'
+        ' "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]\n'
+        f'[grpc]\n  address = "{workdir / "containerd.sock"}"\n'
+        f'[ttrpc]\n  address = "{workdir / "containerd.sock.ttrpc"}"\n'
+        '[debug]\n  level = "info"\n'
+    )
+    if snapshotter_socket is not None:
+        text += f'[proxy_plugins]\n  [proxy_plugins.{plugin_name}]\n    type = "snapshot"\n    address = "{snapshotter_socket}"\n'
+    return text
+
+
+def start_containerd(
+    workdir: str | os.PathLike[str],
+    snapshotter_socket: str | os.PathLike[str] | None = None,
+    plugin_name: str = "liftoff",
+    timeout: float = 30.0,
+) -> Containerd:
+    """Start Debian's containerd with everything under `workdir` and `plugin_name` proxying to the snapshotter socket.
+
+    Start the snapshotter first: containerd does not list images of a snapshotter that was down when it started.
+    """
+    binary = shutil.which("containerd")
+    if not binary or not shutil.which("ctr") or not shutil.which("runc"):
+        raise LiftoffError("containerd, ctr and runc are needed (apt-get install containerd runc)")
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "containerd.toml"
+    config_path.write_text(containerd_config(workdir, snapshotter_socket, plugin_name))
+    address = workdir / "containerd.sock"
+    service = _spawn("containerd", [binary, "--config", str(config_path)], workdir)
+    _wait_for_socket(address, service, timeout)
+    return Containerd(service, str(address), workdir / "root", workdir / "state", config_path)
