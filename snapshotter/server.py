@@ -15,7 +15,7 @@ import grpc
 
 from layerstore.errors import LiftoffError
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from snapshotter.metrics import Metrics
+from snapshotter.metrics import Metrics, parse_address
 from snapshotter.service import SnapshotService
 from snapshotter.store import SnapshotStore
 
@@ -50,6 +50,20 @@ def prepare_socket(path: Path) -> None:
                 raise LiftoffError(f"another process is serving on {path}; stop it or choose another --socket")
 
 
+def notify_systemd(state: str) -> None:
+    """Tell systemd (Type=notify units) about readiness or stopping; no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s", address, e)
+
+
 def build_server(store: SnapshotStore, socket_path: Path, metrics: Metrics, workers: int = 16) -> grpc.Server:
     """A started gRPC server answering the Snapshots API on `socket_path`."""
     prepare_socket(socket_path)
@@ -73,6 +87,8 @@ def build_server(store: SnapshotStore, socket_path: Path, metrics: Metrics, work
 def serve(root: str | os.PathLike[str], socket_path: str | os.PathLike[str], metrics_address: str | None = None) -> int:
     """Serve until SIGTERM or SIGINT; then finish in-flight requests (up to 10 s) and exit 0."""
     socket_path = Path(socket_path).absolute()
+    if metrics_address:
+        parse_address(metrics_address)  # refuse a bad address before touching anything
     store = SnapshotStore(root)
     try:
         metrics = Metrics()
@@ -88,8 +104,10 @@ def serve(root: str | os.PathLike[str], socket_path: str | os.PathLike[str], met
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         log.info("liftoff snapshotter serving %s on %s", store.layout.root, socket_path)
+        notify_systemd("READY=1")
         while not stop.wait(3600):
             pass
+        notify_systemd("STOPPING=1")
         server.stop(GRACE_SECONDS).wait()
         try:
             os.unlink(socket_path)
