@@ -164,10 +164,10 @@ def diff_id(tar: bytes) -> str:
     return "sha256:" + hashlib.sha256(tar).hexdigest()
 
 
-def app_layers() -> list[bytes]:
-    """Three layers: busybox base; changes with whiteouts, an opaque dir, links, xattrs, a fifo; an app layer."""
+def base_layer() -> bytes:
+    """busybox with applet links, some files, a directory the next layer makes opaque (same bytes every call)."""
     busybox = BUSYBOX.read_bytes()
-    base = make_tar(
+    return make_tar(
         [
             Member("bin", "dir"),
             Member("bin/busybox", data=busybox, mode=0o755),
@@ -183,6 +183,11 @@ def app_layers() -> list[bytes]:
             Member("tmp", "dir", mode=0o1777),
         ]
     )
+
+
+def app_layers() -> list[bytes]:
+    """Three layers: busybox base; changes with whiteouts, an opaque dir, links, xattrs, a fifo; an app layer."""
+    base = base_layer()
     changes = make_tar(
         [
             Member("etc", "dir"),
@@ -214,14 +219,6 @@ def app_layers() -> list[bytes]:
 
 
 def small_layers(tag: str) -> list[bytes]:
-    """Two small layers (busybox base and one file) for images that come and go."""
-    busybox = BUSYBOX.read_bytes()
-    base = make_tar(
-        [
-            Member("bin", "dir"),
-            Member("bin/busybox", data=busybox, mode=0o755),
-            *[Member(f"bin/{a}", "symlink", linkname="busybox") for a in APPLETS],
-        ]
-    )
+    """Two layers: the app image's base layer (a shared snapshot) and one file."""
     top = make_tar([Member("etc", "dir"), Member("etc/tag", data=f"{tag}\n".encode())])
-    return [base, top]
+    return [base_layer(), top]
