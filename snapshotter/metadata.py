@@ -97,13 +97,30 @@ class _Reader:
 
     conn: sqlite3.Connection
 
+    @contextmanager
+    def _consistent(self) -> Iterator[None]:
+        """Run several SELECTs against one committed state."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.execute("COMMIT")
+
     def get(self, namespace: str, key: str) -> Snapshot | None:
         """The snapshot `key` in `namespace`, with its labels, or None."""
-        row = self.conn.execute(_SELECT + "WHERE s.namespace = ? AND s.key = ?", (namespace, key)).fetchone()
-        return self._with_labels([_row(row)])[0] if row else None
+        with self._consistent():
+            row = self.conn.execute(_SELECT + "WHERE s.namespace = ? AND s.key = ?", (namespace, key)).fetchone()
+            return self._with_labels([_row(row)])[0] if row else None
 
     def chain(self, snapshot_id: int) -> list[Snapshot]:
         """The snapshot and its ancestors, nearest first, with labels."""
+        with self._consistent():
+            return self._chain(snapshot_id)
+
+    def _chain(self, snapshot_id: int) -> list[Snapshot]:
         rows = self.conn.execute(
             "WITH RECURSIVE chain(id, depth) AS ("
             " SELECT ?, 0 UNION ALL"
@@ -116,6 +133,10 @@ class _Reader:
 
     def list(self, namespace: str | None = None) -> list[Snapshot]:
         """Every snapshot (of one namespace, or of all when None), with labels, by id."""
+        with self._consistent():
+            return self._list(namespace)
+
+    def _list(self, namespace: str | None) -> list[Snapshot]:
         if namespace is None:
             rows = self.conn.execute(_SELECT + "ORDER BY s.id").fetchall()
         else:

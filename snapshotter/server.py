@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import grpc
 
 from layerstore.errors import LiftoffError
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.layout import Layout
 from snapshotter.metrics import Metrics, parse_address
 from snapshotter.service import SnapshotService
-from snapshotter.store import SnapshotStore
+from snapshotter.store import PrepareHook, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,18 @@ def build_server(store: SnapshotStore, socket_path: Path, metrics: Metrics, work
     return server
 
 
-def serve(root: str | os.PathLike[str], socket_path: str | os.PathLike[str], metrics_address: str | None = None) -> int:
+def serve(
+    root: str | os.PathLike[str],
+    socket_path: str | os.PathLike[str],
+    metrics_address: str | None = None,
+    prepare_hooks: Sequence[PrepareHook] = (),
+    layout: Layout | None = None,
+) -> int:
     """Serve until SIGTERM or SIGINT; then finish in-flight requests (up to 10 s) and exit 0."""
     socket_path = Path(socket_path).absolute()
     if metrics_address:
         parse_address(metrics_address)  # refuse a bad address before touching anything
-    store = SnapshotStore(root)
+    store = SnapshotStore(root, prepare_hooks=prepare_hooks, layout=layout)
     try:
         metrics = Metrics()
         if metrics_address:

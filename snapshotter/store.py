@@ -10,9 +10,11 @@ inside that transaction, before it commits:
   before the commit leaves the row and a renamed directory; the next start renames it back.
   A live directory is therefore never half deleted.
 
-Prepare requests go through `prepare_hooks` first: a hook may answer a request itself (the
-lazy remote layers of the next issue intercept prepares labelled `containerd.io/snapshot.ref`)
-or return None to let the ordinary path (`create`) run.
+Extension points (for lazy remote layers): Prepare requests go through `prepare_hooks` first;
+a hook may answer a request itself (e.g. one labelled `containerd.io/snapshot.ref`: insert a
+committed snapshot with `store.meta.write()` and raise AlreadyExists, containerd's handshake)
+or return None to let the ordinary path (`create`) run. Which directory serves a committed
+snapshot as a lower layer is decided by `Layout.lower_dir` alone: pass a `layout` subclass.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ class SnapshotStore:
         root: str | os.PathLike[str],
         features: OverlayFeatures | None = None,
         prepare_hooks: Sequence[PrepareHook] = (),
+        layout: Layout | None = None,
     ) -> None:
-        self.layout = Layout(root)
+        self.layout = layout or Layout(root)
         self.layout.ensure()
         self._lock_file = _lock_root(self.layout)
         self.meta = Metadata(self.layout.metadata_path)
@@ -155,7 +158,10 @@ class SnapshotStore:
         """(bytes, inodes) the snapshot uses itself: measured at commit, walked for active ones."""
         snapshot = self.get(namespace, key)
         if snapshot.kind == Kind.ACTIVE:
-            return disk_usage(self.layout.upper_dir(snapshot.id))
+            try:
+                return disk_usage(self.layout.upper_dir(snapshot.id))
+            except FileNotFoundError:
+                raise NotFound(f"snapshot {key!r} was removed while its usage was measured") from None
         return snapshot.size, snapshot.inodes
 
     def list(self, namespace: str | None, selected: Filter) -> Iterator[Snapshot]:
