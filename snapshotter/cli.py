@@ -26,7 +26,7 @@ def register(subparsers) -> None:
         help="log level of the service (default info)",
     )
     p.set_defaults(run=run_serve)
-    actions = p.add_subparsers(dest="snapshotter_action", metavar="ACTION")
+    actions = p.add_subparsers(dest="snapshotter_action", metavar="[config]", title="actions (none: serve)")
     c = actions.add_parser("config", help="print the containerd config snippet (proxy plugin and CRI snapshotter)")
     c.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the snapshotter's socket (default {DEFAULT_SOCKET})")
     c.set_defaults(run=run_config)
