@@ -27,8 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--docker-config", help="docker config file with credentials (default ~/.docker/config.json)")
     p.add_argument("--platform", action="append", help="os/arch[/variant] to convert from an index (default: all)")
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, help="chunk size (default 1MiB)")
-    p.add_argument("--workers", type=int, default=8, help="chunk compress/upload threads (default 8)")
-    p.add_argument("--layer-jobs", type=int, default=2, help="layers converted at once (default 2)")
+    p.add_argument("--workers", type=int, help="chunk compress/upload threads (default: cores, or 16 for s3 stores)")
+    p.add_argument("--layer-jobs", type=int, help="layers converted at once (default: half the cores, at least 1)")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level for chunks (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object")
     p.set_defaults(run=run_convert)
@@ -75,8 +75,8 @@ def run_convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(
         chunk_size=args.chunk_size,
         platforms=args.platform,
-        workers=max(1, args.workers),
-        layer_jobs=max(1, args.layer_jobs),
+        workers=max(1, args.workers) if args.workers else None,
+        layer_jobs=max(1, args.layer_jobs) if args.layer_jobs else ConvertOptions.layer_jobs,
         zstd_level=args.zstd_level,
         progress=Progress(enabled=None if not args.json else False),
     )

@@ -1,7 +1,9 @@
 """The `liftoff` command: one entry point, a subcommand per job.
 
 Each component registers its own subcommands (a `register(subparsers)`
-function); heavy imports happen only when a subcommand runs.
+function in its `cli` module). Only the module that owns the command being
+run is imported, so `liftoff convert` never pays for torch or ray; `--help`
+imports them all.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ import sys
 from layerstore import __version__
 from layerstore.errors import LiftoffError
 
-COMPONENTS = ["converter.cli", "snapshotter.cli"]
+COMPONENTS = ["converter.cli", "snapshotter.cli", "weightstream.cli"]
+# Which component registers each top-level command.
+COMMANDS = {
+    "convert": "converter.cli",
+    "replicate": "converter.cli",
+    "ls": "converter.cli",
+    "inspect": "converter.cli",
+    "verify": "converter.cli",
+    "snapshotter": "snapshotter.cli",
+    "weights": "weightstream.cli",
+}
 
 
 def add_store_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -36,19 +48,23 @@ def store_options(args: argparse.Namespace) -> dict:
     return {"endpoint_url": args.endpoint_url, "region": args.region, "path_style": args.path_style or None}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with `argv`, only the component owning its command is loaded."""
     parser = argparse.ArgumentParser(prog="liftoff", description="Fast starts for AI serving replicas.")
     parser.add_argument("--version", action="version", version=f"liftoff {__version__}")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMPONENTS:
+    command = next((a for a in argv or [] if not a.startswith("-")), None)
+    owner = COMMANDS.get(command) if command and "-h" not in (argv or []) else None
+    for name in [owner] if owner else COMPONENTS:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the liftoff command line; returns the exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -13,6 +13,7 @@ class Store(abc.ABC):
     """A place that holds liftoff objects under string keys ("chunks/sha256/ab/ab..")."""
 
     url: str
+    remote = False  # True when each request is a network round trip (sizes, puts run concurrently)
 
     @abc.abstractmethod
     def get(self, key: str) -> bytes:

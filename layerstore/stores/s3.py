@@ -28,6 +28,8 @@ class S3Store(Store):
     (environment, ~/.aws/config, instance roles), overridable per store.
     """
 
+    remote = True
+
     def __init__(
         self,
         bucket: str,

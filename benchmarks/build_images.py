@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Build the benchmark images as an OCI layout (cached; rebuilt only when missing).
+
+    python benchmarks/build_images.py [--dir /var/tmp/liftoff-bench/images]
+
+Tags in the layout:
+  python: Debian bookworm minbase (debootstrap) + python3          2 layers
+  torch:  python + a venv with numpy, + torch==2.13.0 (CPU)        4 layers
+The realistic image of the benchmarks: ~350 MB gzip, ~1.1 GB unpacked, ~30k files.
+Layers are made with umoci (unpack, change the rootfs, repack: one layer per step).
+Needs root, debootstrap, umoci, and the Debian mirror configured for apt on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_DIR = Path("/var/tmp/liftoff-bench/images")
+SUITE = "bookworm"
+
+
+def run(*argv: str, **kw) -> None:
+    print("+", " ".join(argv), file=sys.stderr)
+    subprocess.run(argv, check=True, **kw)
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses on this machine (deb822 or one-line sources)."""
+    for path in ["/etc/apt/sources.list.d/debian.sources", *glob.glob("/etc/apt/sources.list.d/*.sources")]:
+        if os.path.exists(path):
+            match = re.search(r"^URIs:\s*(\S+)", Path(path).read_text(), re.M)
+            if match and "security" not in match.group(1):
+                return match.group(1)
+    for path in ["/etc/apt/sources.list", *glob.glob("/etc/apt/sources.list.d/*.list")]:
+        if os.path.exists(path):
+            match = re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+\S+\s+main", Path(path).read_text(), re.M)
+            if match:
+                return match.group(1)
+    raise SystemExit("no Debian mirror found in /etc/apt/sources.list*")
+
+
+class Chroot:
+    """proc/sys/dev (and a read-only wheel directory) mounted into a rootfs, unmounted on exit.
+
+    Nothing mounted ends up in a layer: umoci repacks after the mounts are gone.
+    """
+
+    def __init__(self, root: Path, wheels: Path | None = None) -> None:
+        self.root = root
+        self.wheels = wheels
+        self.mounts = ["proc", "sys", "dev"] + (["tmp/wheels"] if wheels else [])
+
+    def __enter__(self):
+        for name in self.mounts:
+            target = self.root / name
+            target.mkdir(exist_ok=True)
+            if name == "proc":
+                run("mount", "-t", "proc", "proc", str(target))
+            elif name == "tmp/wheels":
+                run("mount", "--bind", "-o", "ro", str(self.wheels), str(target))
+            else:
+                run("mount", "--rbind", f"/{name}", str(target))
+                run("mount", "--make-rslave", str(target))
+        shutil.copy("/etc/resolv.conf", self.root / "etc/resolv.conf")
+        return self
+
+    def __call__(self, *argv: str) -> None:
+        run(
+            "chroot",
+            str(self.root),
+            *argv,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C", "HOME": "/root"},
+        )
+
+    def __exit__(self, *exc) -> None:
+        for name in reversed(self.mounts):
+            subprocess.run(["umount", "-R", "-l", str(self.root / name)], check=False)
+        if self.wheels:
+            (self.root / "tmp/wheels").rmdir()
+        (self.root / "etc/resolv.conf").write_text("")
+
+
+def clean_apt(root: Path) -> None:
+    for pattern in ("var/lib/apt/lists/*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb", "var/log/*.log"):
+        for path in glob.glob(str(root / pattern)):
+            if os.path.isfile(path):
+                os.remove(path)
+
+
+def build(out: Path) -> None:
+    wheels = Path(tempfile.mkdtemp(prefix="liftoff-wheels-"))
+    # Download on the host with its pip configuration; install offline inside the image.
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "-d",
+        str(wheels),
+        "torch==2.13.0",
+        "numpy==2.3.5",
+    )
+    layout = out.with_suffix(".building")
+    shutil.rmtree(layout, ignore_errors=True)
+    bundle = Path(tempfile.mkdtemp(prefix="liftoff-bundle-", dir="/var/tmp"))
+    try:
+        run("umoci", "init", "--layout", str(layout))
+        run("umoci", "new", "--image", f"{layout}:torch")
+        shutil.rmtree(bundle)
+        run("umoci", "unpack", "--image", f"{layout}:torch", str(bundle))
+        rootfs = bundle / "rootfs"
+        run("debootstrap", "--variant=minbase", SUITE, str(rootfs), debian_mirror())
+        clean_apt(rootfs)
+        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:torch", str(bundle))
+        with Chroot(rootfs) as chroot:
+            chroot("apt-get", "update", "-qq")
+            chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", "python3", "python3-venv")
+        clean_apt(rootfs)
+        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:torch", str(bundle))
+        run("umoci", "tag", "--image", f"{layout}:torch", "python")
+        with Chroot(rootfs, wheels) as chroot:
+            chroot("python3", "-m", "venv", "/opt/venv")
+            numpy_wheel = "/tmp/wheels/" + next(p.name for p in wheels.glob("numpy-*.whl"))
+            chroot("/opt/venv/bin/pip", "install", "-q", "--no-index", "--no-compile", numpy_wheel)
+        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:torch", str(bundle))
+        with Chroot(rootfs, wheels) as chroot:
+            chroot("/opt/venv/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wheels", "torch==2.13.0")
+        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:torch", str(bundle))
+        env = ["--config.env", "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+        for tag in ("python", "torch"):
+            run("umoci", "config", "--image", f"{layout}:{tag}", *env, "--config.cmd", "python3")
+        run("umoci", "gc", "--layout", str(layout))
+        layout.rename(out)
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(bundle / "rootfs/proc")], check=False, capture_output=True)
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.rmtree(wheels, ignore_errors=True)
+
+
+def ensure_images(directory: Path = DEFAULT_DIR) -> Path:
+    """The OCI layout with tags `python` and `torch`, built if missing."""
+    if not (directory / "index.json").exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        build(directory)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    args = parser.parse_args()
+    print(ensure_images(args.dir))
+
+
+if __name__ == "__main__":
+    main()
