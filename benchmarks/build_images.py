@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the benchmark images as an OCI layout (cached; rebuilt only when missing).
 
-    python benchmarks/build_images.py [--dir /var/tmp/liftoff-bench/images]
+    scripts/bench build_images [--dir /var/tmp/liftoff-bench/images]
 
 Tags in the layout:
   python: Debian bookworm minbase (debootstrap) + python3          2 layers

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Conversion speed: liftoff convert vs Debian's ctr-remote (eStargz, zstd:chunked), side by side.
 
-    scripts/bench convert          (or: .venv/bin/python benchmarks/convert.py [--runs N])
+    scripts/bench convert [--runs N]      (= .venv/bin/python -m benchmarks.convert)
 
 Image: the realistic torch image of benchmarks/build_images.py (python3 + numpy + torch 2.13 CPU,
 ~350 MB gzip, ~1.1 GB unpacked, ~30k files). liftoff reads it from a loopback docker-registry and
@@ -23,11 +23,9 @@ import tarfile
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.benchlib import load_average, machine, table, timed  # noqa: E402
-from benchmarks.build_images import ensure_images  # noqa: E402
-from layerstore.localservices import push_layout, start_containerd, start_registry  # noqa: E402
+from benchmarks.benchlib import load_average, machine, table, timed
+from benchmarks.build_images import ensure_images
+from layerstore.localservices import push_layout, start_containerd, start_registry
 
 WORK = Path("/var/tmp/liftoff-bench/convert")
 LIFTOFF = [sys.executable, "-m", "layerstore.cli"]
