@@ -25,6 +25,7 @@ COMMANDS = {
     "inspect": "converter.cli",
     "verify": "converter.cli",
     "snapshotter": "snapshotter.cli",
+    "pull": "snapshotter.cli",
     "weights": "weightstream.cli",
 }
 

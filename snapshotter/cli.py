@@ -30,6 +30,33 @@ def register(subparsers) -> None:
     c = actions.add_parser("config", help="print the containerd config snippet (proxy plugin and CRI snapshotter)")
     c.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the snapshotter's socket (default {DEFAULT_SOCKET})")
     c.set_defaults(run=run_config)
+    register_pull(subparsers)
+
+
+def register_pull(subparsers) -> None:
+    from snapshotter.containerd_api import DEFAULT_ADDRESS
+
+    p = subparsers.add_parser(
+        "pull",
+        help="pull an image into containerd through the snapshotter (lazily where it serves layers remotely)",
+        description="Pull IMAGE into containerd over its gRPC API the way its pull-time unpacker does: layers the "
+        "snapshotter serves remotely are never downloaded. Then `ctr run --snapshotter liftoff IMAGE ID` runs it.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="image reference: host[:port]/repository[:tag][@sha256:digest]")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"containerd's socket (default {DEFAULT_ADDRESS})")
+    p.add_argument("--snapshotter", default="liftoff", help="containerd snapshotter to unpack with (default liftoff)")
+    p.add_argument("--namespace", default="default", help="containerd namespace (default default; kubelet uses k8s.io)")
+    p.add_argument("--plain-http", action="store_true", help="talk to the registry over plain HTTP")
+    p.add_argument("--docker-config", metavar="FILE", help="registry credentials (default ~/.docker/config.json)")
+    p.add_argument("--platform", help="os/arch[/variant] to pick from an index (default: this machine's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run_pull)
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    from snapshotter.pull import run_cli
+
+    return run_cli(args)
 
 
 def run_serve(args: argparse.Namespace) -> int:
