@@ -26,6 +26,7 @@ COMMANDS = {
     "verify": "converter.cli",
     "snapshotter": "snapshotter.cli",
     "pull": "snapshotter.cli",
+    "fused": "snapshotter.cli",
     "weights": "weightstream.cli",
 }
 

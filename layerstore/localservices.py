@@ -75,11 +75,8 @@ class Service:
 def _spawn(name: str, argv: list[str], workdir: Path, env: dict | None = None) -> Service:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
-    log = open(log_path, "ab")
-    try:
+    with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    finally:
-        log.close()
     return Service(name, process, log_path)
 
 
@@ -232,15 +229,16 @@ def start_snapshotter(
     metrics: str | None = None,
     log_level: str = "debug",
     timeout: float = 30.0,
+    extra_args: list[str] | None = None,
 ) -> Service:
-    """Start `liftoff snapshotter --root ROOT --socket SOCKET` as a child; returns once it listens.
+    """Start `liftoff snapshotter --root ROOT --socket SOCKET [EXTRA_ARGS]` as a child; returns once it listens.
 
     The log goes to WORKDIR/snapshotter.log (WORKDIR defaults to ROOT's parent).
     `extra` holds "root" and "socket".
     """
     root, socket_path = Path(root).absolute(), Path(socket_path).absolute()
     argv = [sys.executable, "-m", "layerstore.cli", "snapshotter", "--root", str(root), "--socket", str(socket_path)]
-    argv += ["--log-level", log_level] + (["--metrics", metrics] if metrics else [])
+    argv += ["--log-level", log_level] + (["--metrics", metrics] if metrics else []) + list(extra_args or [])
     service = _spawn("snapshotter", argv, Path(workdir) if workdir else root.parent)
     service.extra.update(root=root, socket=socket_path)
     _wait_for_socket(socket_path, service, timeout)
@@ -278,18 +276,37 @@ class Containerd:
         self.stop()
 
 
-def containerd_config(workdir: Path, snapshotter_socket: str | os.PathLike[str] | None, plugin_name: str = "liftoff") -> str:
-    """A version 2 containerd config: private root/state/sockets, CRI off, a snapshot proxy plugin."""
+def containerd_config(
+    workdir: Path, snapshotter_socket: str | os.PathLike[str] | None, plugin_name: str = "liftoff", cri: bool = False
+) -> str:
+    """A version 2 containerd config: private root/state/sockets, a snapshot proxy plugin, CRI off unless `cri`.
+
+    With `cri`, the CRI plugin unpacks with the proxy plugin (overlayfs without one), keeps containerd's default
+    `disable_snapshot_annotations = true`, and reads CNI from private empty directories, so it starts offline.
+    """
+    disabled = ["io.containerd.grpc.v1.cri"] if not cri else []
+    disabled += [f"io.containerd.snapshotter.v1.{name}" for name in ("btrfs", "zfs", "devmapper", "aufs")]
+    quoted = ", ".join(f'"{name}"' for name in disabled)
     text = (
         "version = 2\n"
         f'root = "{workdir / "root"}"\n'
         f'state = "{workdir / "state"}"\n'
-        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",'
-        ' "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]\n'
+        f"disabled_plugins = [{quoted}]\n"
         f'[grpc]\n  address = "{workdir / "containerd.sock"}"\n'
         f'[ttrpc]\n  address = "{workdir / "containerd.sock.ttrpc"}"\n'
         '[debug]\n  level = "info"\n'
     )
+    if cri:
+        snapshotter = plugin_name if snapshotter_socket is not None else "overlayfs"
+        section = '[plugins."io.containerd.grpc.v1.cri"'
+        text += (
+            f"{section}.containerd]\n"
+            f'  snapshotter = "{snapshotter}"\n'
+            "  disable_snapshot_annotations = true\n"
+            f"{section}.cni]\n"
+            f'  bin_dir = "{workdir / "cni" / "bin"}"\n'
+            f'  conf_dir = "{workdir / "cni" / "net.d"}"\n'
+        )
     if snapshotter_socket is not None:
         text += f'[proxy_plugins]\n  [proxy_plugins.{plugin_name}]\n    type = "snapshot"\n    address = "{snapshotter_socket}"\n'
     return text
@@ -300,10 +317,12 @@ def start_containerd(
     snapshotter_socket: str | os.PathLike[str] | None = None,
     plugin_name: str = "liftoff",
     timeout: float = 30.0,
+    cri: bool = False,
 ) -> Containerd:
     """Start Debian's containerd with everything under `workdir` and `plugin_name` proxying to the snapshotter socket.
 
     Start the snapshotter first: containerd does not list images of a snapshotter that was down when it started.
+    `cri` turns on the CRI plugin (namespace k8s.io) unpacking with that snapshotter (see containerd_config).
     """
     binary = shutil.which("containerd")
     if not binary or not shutil.which("ctr") or not shutil.which("runc"):
@@ -311,7 +330,10 @@ def start_containerd(
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "containerd.toml"
-    config_path.write_text(containerd_config(workdir, snapshotter_socket, plugin_name))
+    if cri:
+        for directory in ("bin", "net.d"):
+            (workdir / "cni" / directory).mkdir(parents=True, exist_ok=True)
+    config_path.write_text(containerd_config(workdir, snapshotter_socket, plugin_name, cri))
     address = workdir / "containerd.sock"
     service = _spawn("containerd", [binary, "--config", str(config_path)], workdir)
     _wait_for_socket(address, service, timeout)

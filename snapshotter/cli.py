@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from snapshotter.config import DEFAULT_ROOT, DEFAULT_SOCKET
+from layerstore.cli import add_store_options, store_options
+from snapshotter.config import DEFAULT_CACHE_SIZE, DEFAULT_ROOT, DEFAULT_SOCKET
 
 
 def register(subparsers) -> None:
@@ -18,6 +19,13 @@ def register(subparsers) -> None:
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory: metadata and snapshots (default {DEFAULT_ROOT})")
     p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"unix socket to serve on (default {DEFAULT_SOCKET})")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics on HOST:PORT or :PORT")
+    add_store_options(p, required=False)
+    p.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})")
+    p.add_argument(
+        "--no-start-fused",
+        action="store_true",
+        help="do not start the FUSE daemon if it is not running (it has its own systemd unit)",
+    )
     p.add_argument(
         "--log-level",
         dest="snapshotter_log_level",
@@ -31,6 +39,30 @@ def register(subparsers) -> None:
     c.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the snapshotter's socket (default {DEFAULT_SOCKET})")
     c.set_defaults(run=run_config)
     register_pull(subparsers)
+
+    f = subparsers.add_parser(
+        "fused",
+        help="run the FUSE daemon that serves remote layers (started by the snapshotter if not running)",
+        description="Serve merged read-only views of remote layers through FUSE, fetching chunks lazily.",
+    )
+    f.add_argument("--root", required=True, help="state directory (the snapshotter uses ROOT/remote of its own root)")
+    add_store_options(f)
+    f.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})")
+    f.set_defaults(run=run_fused)
+
+
+def _bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+
+
+def _store_argv(args: argparse.Namespace) -> list[str]:
+    argv = [a for url in args.store or [] for a in ("--store", url)]
+    for flag, value in (("--endpoint-url", args.endpoint_url), ("--region", args.region)):
+        if value:
+            argv += [flag, value]
+    return argv + (["--path-style"] if args.path_style else [])
 
 
 def register_pull(subparsers) -> None:
@@ -60,10 +92,39 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from layerstore.stores import open_stores
+    from snapshotter.remote import RemoteLayers, RemoteLayout, ensure_fused
     from snapshotter.server import serve
 
     logging.getLogger().setLevel(args.snapshotter_log_level.upper())
-    return serve(args.root, args.socket, args.metrics)
+    if not args.store:
+        logging.getLogger(__name__).warning("no --store given: every layer is pulled as an ordinary layer")
+        return serve(args.root, args.socket, args.metrics)
+    remote_root = Path(args.root).absolute() / "remote"
+    if args.no_start_fused:
+        from snapshotter.fuse_control import FusedClient
+
+        fused = FusedClient(remote_root / "fused.sock")
+    else:
+        fused = ensure_fused(remote_root, _store_argv(args), args.cache_size, args.snapshotter_log_level)
+    remote = RemoteLayers(remote_root, open_stores(args.store, **store_options(args)), fused)
+    return serve(
+        args.root,
+        args.socket,
+        args.metrics,
+        prepare_hooks=[remote.prepare_hook],
+        layout=RemoteLayout(args.root, remote),
+        removed_hooks=[remote.removed_hook],
+    )
+
+
+def run_fused(args: argparse.Namespace) -> int:
+    from layerstore.stores import open_stores
+    from snapshotter.fuse_daemon import run
+
+    return run(args.root, open_stores(args.store, **store_options(args)), _bytes(args.cache_size))
 
 
 def run_config(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 DEFAULT_SOCKET = "/run/liftoff/snapshotter.sock"
 DEFAULT_ROOT = "/var/lib/liftoff/snapshotter"
 PLUGIN_NAME = "liftoff"
+DEFAULT_CACHE_SIZE = "20G"
 
 
 def _toml_string(value: str) -> str:

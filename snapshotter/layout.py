@@ -18,6 +18,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from snapshotter.metadata import Kind, Snapshot
@@ -60,6 +61,13 @@ class Layout:
         fetched remote layer served by a FUSE mount) is answered here.
         """
         return self.upper_dir(snapshot.id)
+
+    def lower_dirs(self, parents: Sequence[Snapshot]) -> list[Path]:
+        """The overlay lower directories of a chain of committed snapshots (nearest first).
+
+        One per snapshot here; a layout serving remote layers merges runs of them into one.
+        """
+        return [self.lower_dir(parent) for parent in parents]
 
     def make_new(self, kind: Kind, owner_of: Path | None) -> Path:
         """A fresh `new-*` directory with `fs` (0755, owned like `owner_of`) and, when active, `work` (0711)."""

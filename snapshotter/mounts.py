@@ -59,17 +59,22 @@ def build_mounts(
     parents: Sequence[Snapshot],
     upper_dir: Path,
     work_dir: Path,
-    lower_dir: Callable[[Snapshot], Path],
+    lower_dirs: Callable[[Sequence[Snapshot]], list[Path]],
     features: OverlayFeatures,
 ) -> list[Mount]:
-    """The mounts of an active snapshot or view; `parents` nearest first."""
+    """The mounts of an active snapshot or view; `parents` nearest first.
+
+    `lower_dirs(parents)` names the overlay lower directories, nearest first: one per
+    parent for local layers, one for each run of remote layers (a merged FUSE view).
+    """
     if not parents:
         mode = "rw" if snapshot.kind == Kind.ACTIVE else "ro"
         return [Mount("bind", str(upper_dir), (mode, "rbind"))]
-    if snapshot.kind != Kind.ACTIVE and len(parents) == 1:
-        return [Mount("bind", str(lower_dir(parents[0])), ("ro", "rbind"))]
+    lowers = lower_dirs(parents)
+    if snapshot.kind != Kind.ACTIVE and len(lowers) == 1:
+        return [Mount("bind", str(lowers[0]), ("ro", "rbind"))]
     options = features.options()
     if snapshot.kind == Kind.ACTIVE:
         options += [f"workdir={work_dir}", f"upperdir={upper_dir}"]
-    options.append("lowerdir=" + ":".join(str(lower_dir(p)) for p in parents))
+    options.append("lowerdir=" + ":".join(str(path) for path in lowers))
     return [Mount("overlay", "overlay", tuple(options))]

@@ -19,7 +19,7 @@ from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as
 from snapshotter.layout import Layout
 from snapshotter.metrics import Metrics, parse_address
 from snapshotter.service import SnapshotService
-from snapshotter.store import PrepareHook, SnapshotStore
+from snapshotter.store import PrepareHook, RemovedHook, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,13 @@ def serve(
     metrics_address: str | None = None,
     prepare_hooks: Sequence[PrepareHook] = (),
     layout: Layout | None = None,
+    removed_hooks: Sequence[RemovedHook] = (),
 ) -> int:
     """Serve until SIGTERM or SIGINT; then finish in-flight requests (up to 10 s) and exit 0."""
     socket_path = Path(socket_path).absolute()
     if metrics_address:
         parse_address(metrics_address)  # refuse a bad address before touching anything
-    store = SnapshotStore(root, prepare_hooks=prepare_hooks, layout=layout)
+    store = SnapshotStore(root, prepare_hooks=prepare_hooks, layout=layout, removed_hooks=removed_hooks)
     try:
         metrics = Metrics()
         if metrics_address:

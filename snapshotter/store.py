@@ -50,6 +50,7 @@ class PrepareRequest:
 
 
 PrepareHook = Callable[["SnapshotStore", PrepareRequest], "list[Mount] | None"]
+RemovedHook = Callable[["SnapshotStore", list[Snapshot]], None]
 
 
 def _where(namespace: str) -> str:
@@ -65,6 +66,7 @@ class SnapshotStore:
         features: OverlayFeatures | None = None,
         prepare_hooks: Sequence[PrepareHook] = (),
         layout: Layout | None = None,
+        removed_hooks: Sequence[RemovedHook] = (),
     ) -> None:
         self.layout = layout or Layout(root)
         self.layout.ensure()
@@ -72,6 +74,7 @@ class SnapshotStore:
         self.meta = Metadata(self.layout.metadata_path)
         self.features = features if features is not None else detect_overlay_features()
         self.prepare_hooks = list(prepare_hooks)
+        self.removed_hooks = list(removed_hooks)  # told which snapshots a Remove took away
         self._deleting: set[str] = set()
         self.recover()
 
@@ -150,7 +153,7 @@ class SnapshotStore:
             parents,
             self.layout.upper_dir(snapshot.id),
             self.layout.work_dir(snapshot.id),
-            self.layout.lower_dir,
+            self.layout.lower_dirs,
             self.features,
         )
 
@@ -251,6 +254,11 @@ class SnapshotStore:
         if trash is not None:
             delete_tree(trash)
             self._deleting.discard(trash.name)
+        for hook in self.removed_hooks:
+            try:
+                hook(self, [snapshot])
+            except Exception:
+                log.exception("after removing %r", key)
 
     # -- Cleanup and recovery -------------------------------------------------------------
 

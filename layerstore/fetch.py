@@ -1,0 +1,137 @@
+"""Fetching chunks from the stores: verified, retried, single-flight, through the local cache."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from layerstore.cache import ChunkCache
+from layerstore.errors import FormatError, LiftoffError, ObjectNotFound, StoreError
+from layerstore.index import decompress_chunk
+from layerstore.layout import chunk_key
+from layerstore.stores import Store
+
+log = logging.getLogger(__name__)
+
+
+class ChunkUnavailable(LiftoffError):
+    """A chunk could not be fetched and verified from any store after retries."""
+
+
+@dataclass
+class FetchStats:
+    chunks: int = 0  # fetched from a store
+    bytes: int = 0  # stored (compressed) bytes fetched
+    cache_hits: int = 0
+    failures: int = 0
+    retries: int = 0
+    seconds: float = 0.0  # summed fetch time
+    per_store: dict[str, int] = field(default_factory=dict)
+
+
+class ChunkFetcher:
+    """Reads byte ranges of chunks: from the cache, else from the first store that serves a
+    verified copy. Concurrent requests for one chunk share one fetch. Unverified bytes are
+    never returned: a chunk whose content does not hash to its name is rejected and fetched
+    again (from the next store, then after a backoff)."""
+
+    def __init__(
+        self,
+        stores: list[Store],
+        cache: ChunkCache,
+        *,
+        attempts: int = 4,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        on_fetch: Callable[[bytes, int], None] | None = None,
+    ) -> None:
+        self.stores = stores
+        self.cache = cache
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.on_fetch = on_fetch
+        self.stats = FetchStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, Future[bytes]] = {}
+
+    def read(self, sha256: bytes, size: int, offset: int, length: int, layer: str = "") -> bytes:
+        """`length` bytes at `offset` of the chunk (uncompressed)."""
+        data = self.cache.read(sha256, offset, length)
+        if data is not None:
+            self.stats.cache_hits += 1
+            return data
+        chunk = self.get(sha256, size, layer)
+        return bytes(chunk[offset : offset + length])
+
+    def get(self, sha256: bytes, size: int, layer: str = "") -> bytes:
+        """The whole uncompressed chunk, fetching it once however many threads ask."""
+        with self._lock:
+            future = self._inflight.get(sha256)
+            leader = future is None
+            if leader:
+                future = self._inflight[sha256] = Future()
+        if not leader:
+            return future.result()
+        try:
+            data = self._fetch(sha256, size, layer)
+            self.cache.put(sha256, data)
+            future.set_result(data)
+            return data
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[sha256]
+
+    def prefetch(self, sha256: bytes, size: int, layer: str = "") -> None:
+        """Make sure the chunk is cached (no-op when it is)."""
+        if sha256 not in self.cache:
+            self.get(sha256, size, layer)
+
+    def _fetch(self, sha256: bytes, size: int, layer: str) -> bytes:
+        key = chunk_key(sha256)
+        errors: list[str] = []
+        delay = self.backoff
+        for attempt in range(self.attempts):
+            missing_everywhere = True
+            for store in self.stores:
+                started = time.monotonic()
+                try:
+                    blob = store.get(key)
+                    data = decompress_chunk(blob, sha256, size, store.url)
+                except ObjectNotFound:
+                    errors.append(f"{store.url}: not found")
+                    continue
+                except (StoreError, FormatError) as e:
+                    missing_everywhere = False
+                    errors.append(str(e))
+                    log.warning("chunk %s of layer %s: %s", sha256.hex(), layer or "?", e)
+                    continue
+                elapsed = time.monotonic() - started
+                with self._lock:
+                    self.stats.chunks += 1
+                    self.stats.bytes += len(blob)
+                    self.stats.seconds += elapsed
+                    self.stats.per_store[store.url] = self.stats.per_store.get(store.url, 0) + 1
+                if self.on_fetch is not None:
+                    self.on_fetch(sha256, len(blob))
+                return data
+            if attempt + 1 < self.attempts and not (missing_everywhere and attempt >= 1):
+                with self._lock:
+                    self.stats.retries += 1
+                time.sleep(min(delay, self.max_backoff) * (0.5 + random.random()))
+                delay *= 2
+            elif missing_everywhere and attempt >= 1:
+                break
+        with self._lock:
+            self.stats.failures += 1
+        stores = ", ".join(s.url for s in self.stores)
+        cause = errors[-1] if errors else "no store"
+        raise ChunkUnavailable(f"chunk {sha256.hex()} of layer {layer or '?'} could not be fetched from {stores}: {cause}")

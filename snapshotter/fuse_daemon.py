@@ -1,0 +1,305 @@
+"""`liftoff fused`: the long-lived FUSE daemon that serves remote layers.
+
+It runs apart from the gRPC snapshotter (its own process group and systemd unit with
+KillMode=process), so restarting the snapshotter never touches a running container's
+mounts. State lives under its root:
+
+    fused.sock        control socket (fuse_control.py)
+    indexes/<hex>     layer indexes, written by the snapshotter at pull time
+    views/<id>.json   the views to serve; re-mounted at start from these alone
+    mnt/<id>/         mount points
+    cache/chunks/     the chunk cache (layerstore/cache.py)
+
+A restart needs no store: views come back from the local indexes, and only reads of
+chunks not yet cached wait for the stores (retrying) once they answer again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socketserver
+import threading
+import time
+from pathlib import Path
+
+from layerstore.cache import ChunkCache
+from layerstore.errors import LiftoffError
+from layerstore.fetch import ChunkFetcher
+from layerstore.index import decode_index
+from layerstore.stores import Store
+from snapshotter import fuse_control
+from snapshotter.fuse_fs import ViewFS, serve_view
+from snapshotter.fuse_tree import View
+
+log = logging.getLogger(__name__)
+
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def lazy_unmount(path: Path) -> None:
+    """Detach a mount (MNT_DETACH): works on dead FUSE mounts and mounts still in use."""
+    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point
+            raise OSError(err, f"umount {path}: {os.strerror(err)}")
+
+
+def _is_stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return False
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+
+
+class IndexDir:
+    """Layer indexes on local disk (the bytes as stored: zstd protobuf)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest.split(":", 1)[1]
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+    def put(self, digest: str, data: bytes) -> None:
+        target = self.path(digest)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        os.rename(tmp, target)
+
+    def load(self, digest: str):
+        try:
+            return decode_index(self.path(digest).read_bytes(), f"local index of {digest}")
+        except FileNotFoundError:
+            raise LiftoffError(f"no local index for layer {digest}: pull the image again") from None
+
+
+class MountedView:
+    def __init__(self, view_id: str, layers: list[str], layers_below: bool, view: View, mountpoint: Path) -> None:
+        self.id = view_id
+        self.layers = layers
+        self.layers_below = layers_below
+        self.view = view
+        self.mountpoint = mountpoint
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+
+class FuseDaemon:
+    """Serves views of remote layers; controlled over fused.sock."""
+
+    def __init__(self, root: str | os.PathLike[str], stores: list[Store], cache_bytes: int) -> None:
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.root / "fused.lock", "a+")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LiftoffError(f"another liftoff FUSE daemon serves {self.root}") from None
+        self.indexes = IndexDir(self.root / "indexes")
+        self.views_dir = self.root / "views"
+        self.views_dir.mkdir(exist_ok=True)
+        self.mnt = self.root / "mnt"
+        self.mnt.mkdir(exist_ok=True)
+        self.cache = ChunkCache(self.root / "cache", cache_bytes)
+        self.fetcher = ChunkFetcher(stores, self.cache)
+        self.stores = stores
+        self.views: dict[str, MountedView] = {}
+        self._lock = threading.RLock()
+        self.stopping = threading.Event()
+
+    # -- views ---------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Mount every view recorded in views/ (after a restart), from local indexes only."""
+        for spec_path in sorted(self.views_dir.glob("*.json")):
+            try:
+                spec = json.loads(spec_path.read_text())
+                self.mount(spec["view"], spec["layers"], spec["layers_below"])
+            except (LiftoffError, OSError, ValueError, KeyError) as e:
+                log.error("cannot restore view %s: %s", spec_path.stem, e)
+
+    def mount(self, view_id: str, layers: list[str], layers_below: bool) -> Path:
+        """Mount the merged view of `layers` (bottom first) unless it is mounted; returns the mount point."""
+        if view_id != fuse_control.view_id(layers, layers_below):
+            raise LiftoffError(f"view id {view_id} does not match its layers")
+        with self._lock:
+            mounted = self.views.get(view_id)
+            if mounted is not None and mounted.thread is not None and mounted.thread.is_alive():
+                return mounted.mountpoint
+            started = time.monotonic()
+            view = View([self.indexes.load(d) for d in layers], layers_below)
+            mountpoint = self.mnt / view_id
+            if _is_stale(mountpoint) or os.path.ismount(mountpoint):
+                log.warning("clearing a stale mount at %s", mountpoint)
+                lazy_unmount(mountpoint)
+            mountpoint.mkdir(exist_ok=True)
+            mounted = MountedView(view_id, layers, layers_below, view, mountpoint)
+            fs = ViewFS(view, self.fetcher, view_id)
+
+            def run() -> None:
+                try:
+                    serve_view(fs, str(mountpoint))
+                except BaseException as e:  # reported to the waiting mount() below
+                    mounted.error = e
+                    log.error("view %s stopped: %s", view_id, e)
+
+            mounted.thread = threading.Thread(target=run, name=f"view-{view_id[:8]}", daemon=True)
+            mounted.thread.start()
+            deadline = time.monotonic() + 15
+            while not os.path.ismount(mountpoint):
+                if not mounted.thread.is_alive() or time.monotonic() > deadline:
+                    raise LiftoffError(f"mounting view {view_id} at {mountpoint} failed: {mounted.error or 'timeout'}")
+                time.sleep(0.002)
+            self.views[view_id] = mounted
+            self._write_spec(mounted)
+            log.info(
+                "mounted view %s (%d layers, %d inodes) at %s in %.3f s",
+                view_id,
+                len(layers),
+                len(view.nodes) - 1,
+                mountpoint,
+                time.monotonic() - started,
+            )
+            return mountpoint
+
+    def _write_spec(self, mounted: MountedView) -> None:
+        path = self.views_dir / f"{mounted.id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"view": mounted.id, "layers": mounted.layers, "layers_below": mounted.layers_below}))
+        os.rename(tmp, path)
+
+    def unmount(self, view_id: str) -> None:
+        """Detach a view (containers still using it keep it until they stop) and forget it."""
+        with self._lock:
+            mounted = self.views.pop(view_id, None)
+            (self.views_dir / f"{view_id}.json").unlink(missing_ok=True)
+            mountpoint = mounted.mountpoint if mounted else self.mnt / view_id
+            if os.path.ismount(mountpoint) or _is_stale(mountpoint):
+                lazy_unmount(mountpoint)
+            try:
+                mountpoint.rmdir()
+            except OSError:
+                pass
+        log.info("unmounted view %s", view_id)
+
+    def retain(self, layers: list[str]) -> int:
+        """Drop cached chunks no listed layer references; returns how many were dropped."""
+        keep: set[bytes] = set()
+        for digest in layers:
+            if self.indexes.has(digest):
+                keep.update(chunk.sha256 for chunk in self.indexes.load(digest).chunks)
+        removed = self.cache.retain(keep)
+        for path in self.indexes.root.iterdir():
+            if "sha256:" + path.name not in layers and not path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+        if removed:
+            log.info("released %d cached chunks of removed layers", removed)
+        return removed
+
+    def status(self) -> dict:
+        stats = self.fetcher.stats
+        return {
+            "views": {v.id: {"layers": v.layers, "mountpoint": str(v.mountpoint)} for v in self.views.values()},
+            "cache": {
+                "bytes": self.cache.used,
+                "capacity": self.cache.capacity,
+                "chunks": len(self.cache.digests()),
+                "evictions": self.cache.evictions,
+            },
+            "fetch": {
+                "chunks": stats.chunks,
+                "bytes": stats.bytes,
+                "cache_hits": stats.cache_hits,
+                "failures": stats.failures,
+                "retries": stats.retries,
+            },
+        }
+
+    def shutdown(self) -> None:
+        """Unmount every view (their specs stay, so the next start mounts them again)."""
+        with self._lock:
+            for mounted in list(self.views.values()):
+                try:
+                    lazy_unmount(mounted.mountpoint)
+                except OSError as e:
+                    log.warning("unmounting %s: %s", mounted.mountpoint, e)
+            self.views.clear()
+
+    # -- control -------------------------------------------------------------------------
+
+    def handle(self, request: dict) -> dict:
+        op = request.get("op")
+        if op == "ping":
+            return {}
+        if op == "mount":
+            return {"mountpoint": str(self.mount(request["view"], list(request["layers"]), bool(request["layers_below"])))}
+        if op == "unmount":
+            self.unmount(request["view"])
+            return {}
+        if op == "views":
+            return {"views": {v.id: {"layers": v.layers, "layers_below": v.layers_below} for v in self.views.values()}}
+        if op == "retain":
+            return {"removed": self.retain(list(request["layers"]))}
+        if op == "status":
+            return self.status()
+        if op == "shutdown":
+            self.stopping.set()
+            return {}
+        raise LiftoffError(f"unknown request {op!r}")
+
+
+def serve_control(daemon: FuseDaemon, socket_path: Path) -> socketserver.ThreadingUnixStreamServer:
+    """Start answering control requests on `socket_path` (mode 0600) in a background thread."""
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            try:
+                request = fuse_control.receive(self.request)
+                reply = {"ok": True, **daemon.handle(request)}
+            except (LiftoffError, OSError, KeyError, TypeError, ValueError) as e:
+                log.warning("control request failed: %s", e)
+                reply = {"ok": False, "error": str(e)}
+            fuse_control.send(self.request, reply)
+
+    if socket_path.exists():
+        socket_path.unlink()
+    old = os.umask(0o177)
+    try:
+        server = socketserver.ThreadingUnixStreamServer(str(socket_path), Handler)
+    finally:
+        os.umask(old)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+    return server
+
+
+def run(root: str | os.PathLike[str], stores: list[Store], cache_bytes: int) -> int:
+    """Run the FUSE daemon until SIGTERM/SIGINT or a shutdown request."""
+    stop = threading.Event()
+    # Before any mount: libfuse installs its own handlers only where none is set.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    logging.getLogger("fuse").setLevel(logging.WARNING)  # fusepy logs every ENOENT/ENODATA with a traceback
+    daemon = FuseDaemon(root, stores, cache_bytes)
+    daemon.stopping = stop
+    daemon.restore()
+    server = serve_control(daemon, daemon.root / "fused.sock")
+    log.info("liftoff FUSE daemon serving %s (%d views)", daemon.root, len(daemon.views))
+    while not stop.wait(3600):
+        pass
+    server.shutdown()
+    daemon.shutdown()
+    return 0

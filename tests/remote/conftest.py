@@ -1,0 +1,126 @@
+"""Fixtures for lazy remote layers: a converted image in a store, a snapshotter with --store
+(and its FUSE daemon), containerd using it, and containerd's own overlayfs as the reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from layerstore.localservices import Containerd, Service, push_layout, start_containerd, start_snapshotter
+from layerstore.oci.builder import LayoutWriter
+from snapshotter.fuse_control import FusedClient
+from tests.conftest import ROOT
+from tests.remote.images import conformance_layers
+from tests.snapshotter.helpers import SnapshotsClient, chain_ids, diff_id
+
+IMAGE_CONFIG = {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}
+
+
+@dataclass
+class Image:
+    ref: str
+    layout: Path
+    layers: list[bytes]
+    diff_ids: list[str]
+    chain_ids: list[str]
+    manifest_digest: str
+
+
+def build_image(tmp_path_factory, registry, name: str, layers: list[bytes], compression="gzip") -> Image:
+    layout = tmp_path_factory.mktemp(f"layout-{name}")
+    writer = LayoutWriter(layout)
+    descriptor = writer.add_image(layers, config=IMAGE_CONFIG, compression=compression)
+    writer.tag(descriptor, "v1")
+    ref = push_layout(layout, "v1", registry.host, f"remote-test/{name}")
+    ids = [diff_id(t) for t in layers]
+    return Image(ref, layout, layers, ids, chain_ids(ids), descriptor["digest"])
+
+
+def convert(image: Image, store_url: str, *extra: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "layerstore.cli", "convert", image.ref, "--plain-http", "--store", store_url, "--json", *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@dataclass
+class Stack:
+    """A snapshotter with remote layers, its FUSE daemon, and containerd using it."""
+
+    workdir: Path
+    store_url: str
+    snapshotter: Service
+    containerd: Containerd
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "root"
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "run" / "snapshotter.sock"
+
+    def fused(self) -> FusedClient:
+        return FusedClient(self.root / "remote" / "fused.sock")
+
+    def restart_snapshotter(self, kill: bool = False) -> None:
+        if kill:
+            self.snapshotter.process.kill()
+            self.snapshotter.process.wait()
+        else:
+            self.snapshotter.stop()
+        self.snapshotter = start_snapshotter(self.root, self.socket, workdir=self.workdir, extra_args=["--store", self.store_url])
+
+    def api(self, namespace: str = "default") -> SnapshotsClient:
+        """containerd's Snapshots API (through containerd, as pulls use it) for the liftoff snapshotter."""
+        return SnapshotsClient(Path(self.containerd.address), namespace)
+
+    def stop(self) -> None:
+        self.containerd.stop()
+        self.snapshotter.stop()
+        stop_fused(self.fused())
+
+
+def stop_fused(client: FusedClient, timeout: float = 10.0) -> None:
+    """Ask the FUSE daemon to exit and wait until its socket is gone."""
+    import time
+
+    if not client.alive():
+        return
+    client.call("shutdown")
+    deadline = time.monotonic() + timeout
+    while client.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def start_stack(workdir: Path, store_url: str) -> Stack:
+    socket = workdir / "run" / "snapshotter.sock"
+    snap = start_snapshotter(workdir / "root", socket, workdir=workdir, extra_args=["--store", store_url])
+    ctd = start_containerd(workdir / "containerd", socket)
+    return Stack(workdir, store_url, snap, ctd)
+
+
+@pytest.fixture(scope="session")
+def conformance_image(registry, tmp_path_factory) -> Image:
+    return build_image(tmp_path_factory, registry, "conformance", conformance_layers())
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory) -> str:
+    return f"file://{tmp_path_factory.mktemp('store')}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, store_url) -> Stack:
+    s = start_stack(tmp_path_factory.mktemp("stack"), store_url)
+    yield s
+    s.stop()
