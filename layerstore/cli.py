@@ -16,7 +16,7 @@ import sys
 from layerstore import __version__
 from layerstore.errors import LiftoffError
 
-COMPONENTS = ["converter.cli", "snapshotter.cli", "weightstream.cli"]
+COMPONENTS = ["converter.cli", "snapshotter.cli", "weightstream.cli", "layerstore.demo"]
 # Which component registers each top-level command.
 COMMANDS = {
     "convert": "converter.cli",
@@ -28,6 +28,7 @@ COMMANDS = {
     "pull": "snapshotter.cli",
     "fused": "snapshotter.cli",
     "weights": "weightstream.cli",
+    "demo": "layerstore.demo",
 }
 
 
