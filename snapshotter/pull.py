@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from layerstore.digests import chain_ids, check_digest
+from layerstore.digests import chain_ids, check_digest, sha256_digest
 from layerstore.errors import ImageError, LiftoffError, RegistryError
 from layerstore.oci import mediatypes
 from layerstore.oci.source import RegistrySource, read_blob
@@ -137,7 +137,7 @@ def pull(
         _check_snapshotter(client, snapshotter)
         source = RegistrySource(image, plain_http=plain_http, docker_config=docker_config)
         try:
-            resolved = resolve(source, wanted)
+            resolved = resolve(source, wanted, lambda digest, limit: _cached(client, digest, limit))
             with client.lease():
                 puller = _Puller(client, source, resolved, snapshotter)
                 puller.store_metadata()
@@ -189,8 +189,17 @@ def snapshot_error(client: ContainerdClient, snapshotter: str, e: ContainerdErro
 # Resolving the reference
 
 
-def resolve(source: RegistrySource, platform: str) -> ResolvedImage:
-    """Fetch the manifest (through any index, picking `platform`) and the config; check the layer list."""
+def _cached(client: ContainerdClient, digest: str, limit: int) -> bytes | None:
+    data = client.read_content(digest, limit)
+    return data if data is not None and sha256_digest(data) == digest else None
+
+
+def resolve(source: RegistrySource, platform: str, cached: Callable[[str, int], bytes | None] | None = None) -> ResolvedImage:
+    """Fetch the manifest (through any index, picking `platform`) and the config; check the layer list.
+
+    `cached(digest, limit)` may supply blobs by digest (child manifests, the config) without asking the registry.
+    """
+    cached = cached or (lambda digest, limit: None)
     name = str(source.ref)
     media_type, body, digest = source.resolve()
     media_type, doc = mediatypes.parse_document(body, media_type, name)
@@ -204,7 +213,8 @@ def resolve(source: RegistrySource, platform: str) -> ResolvedImage:
         blob.labels = child_gc_labels(children)
         child = select_platform(children, platform, f"{name}@{digest}")
         digest = check_digest(child.get("digest", ""), "manifest digest")
-        child_type, body = source.manifest(digest)
+        known = cached(digest, mediatypes.MAX_MANIFEST_BYTES)
+        child_type, body = ("", known) if known is not None else source.manifest(digest)
         media_type, doc = mediatypes.parse_document(body, child.get("mediaType") or child_type, f"{name}@{digest}")
     else:
         raise ImageError(f"{name}: indexes nested more than 3 deep")
@@ -214,7 +224,9 @@ def resolve(source: RegistrySource, platform: str) -> ResolvedImage:
     if not isinstance(config_desc, dict):
         raise ImageError(f"{what}: manifest has no config descriptor")
     config_digest = check_digest(config_desc.get("digest", ""), "config digest")
-    config_data = read_blob(source, config_digest, MAX_CONFIG_BYTES, "config")
+    config_data = cached(config_digest, MAX_CONFIG_BYTES)
+    if config_data is None:
+        config_data = read_blob(source, config_digest, MAX_CONFIG_BYTES, "config")
     config_type = str(config_desc.get("mediaType") or mediatypes.OCI_CONFIG)
     layers = _layers(doc, config_data, what)
     manifest.labels = child_gc_labels([config_desc, *doc["layers"]])
