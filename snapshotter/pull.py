@@ -495,7 +495,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """`liftoff pull`: pull, printing a line per layer (or one JSON document with --json)."""
 
     def show(i: int, n: int, r: LayerResult) -> None:
-        fetched = f"  {r.fetched_bytes / 1e6:.1f} MB fetched" if r.fetched_bytes else ""
+        fetched = f"  {_size(r.fetched_bytes)} fetched" if r.fetched_bytes else ""
         print(f"  layer {i + 1}/{n}  {r.digest[:19]}  {r.state:<7}  {r.seconds:6.2f} s{fetched}", flush=True)
 
     result = pull(
@@ -516,6 +516,13 @@ def run_cli(args: argparse.Namespace) -> int:
     print(
         f"pulled {result.image} ({result.platform}, {result.target[:19]}) into namespace {result.namespace} with "
         f"snapshotter {result.snapshotter}: {counts['remote']} remote, {counts['applied']} applied, "
-        f"{counts['present']} already present; {fetched / 1e6:.1f} MB fetched in {result.seconds:.1f} s"
+        f"{counts['present']} already present; {_size(fetched)} fetched in {result.seconds:.1f} s"
     )
     return 0
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -11,7 +11,7 @@ import pytest
 
 from snapshotter.cri import CRIImageClient
 from tests.pull.conftest import start_stack
-from tests.pull.test_pull import EXPECTED, SCRIPT, parents, pull, snapshots
+from tests.pull.helpers import EXPECTED, SCRIPT, parents, pull, snapshots
 from tests.snapshotter.helpers import SnapshotsClient
 
 K8S = "k8s.io"  # the namespace CRI keeps its images in

@@ -7,8 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
-import uuid
 
 import pytest
 
@@ -16,66 +14,21 @@ from layerstore.localservices import free_port, start_containerd
 from snapshotter.containerd_api import ContainerdClient
 from tests.conftest import ROOT, run_cli
 from tests.pull.conftest import start_stack
+from tests.pull.helpers import (
+    EXPECTED,
+    GC,
+    SCRIPT,
+    SOURCE,
+    blob_gets_after,
+    content,
+    labels,
+    parents,
+    pull,
+    pull_error,
+    run,
+    snapshots,
+)
 from tests.snapshotter.helpers import SnapshotsClient
-
-SCRIPT = "cat /etc/greeting; ls /etc; ls /opt/replaced; cat /data/link; /app/run.sh; id -u"
-EXPECTED = "hello from layer 2\ngreeting\nnew\nhello from layer 2\napp says hi\n0\n"
-GC = "containerd.io/gc.ref."
-SOURCE = "containerd.io/distribution.source.127.0.0.1"
-
-
-def pull(address: str, ref: str, ns: str, *extra: str) -> dict:
-    done = run_cli("pull", ref, "--address", address, "--plain-http", "--namespace", ns, "--json", *extra)
-    return json.loads(done.stdout)
-
-
-def pull_error(*args: str) -> str:
-    """stderr of a `liftoff pull` that must fail with exit code 1 and one line, no traceback."""
-    done = run_cli("pull", *args, check=False, timeout=120)
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("liftoff: error: "), done.stderr
-    return lines[0]
-
-
-def run(containerd, ns: str, ref: str, script: str) -> str:
-    container = f"pull-test-{uuid.uuid4().hex[:8]}"
-    return containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, container, "/bin/sh", "-c", script, namespace=ns)
-
-
-def snapshots(containerd, ns: str) -> dict[str, str]:
-    """`ctr snapshot ls` as {name: parent} (every row must be committed)."""
-    rows = {}
-    for line in containerd.ctr("snapshot", "--snapshotter", "liftoff", "ls", namespace=ns).splitlines()[1:]:
-        fields = line.split()
-        assert fields[-1] == "Committed", line
-        rows[fields[0]] = fields[1] if len(fields) == 3 else ""
-    return rows
-
-
-def parents(chain: list[str]) -> dict[str, str]:
-    """{chainID: parent chainID} of a layer chain, as `snapshots` shows it."""
-    return dict(zip(chain, ["", *chain[:-1]], strict=True))
-
-
-def content(containerd, ns: str) -> set[str]:
-    return {line.split()[0] for line in containerd.ctr("content", "ls", "-q", namespace=ns).splitlines()}
-
-
-def labels(address: str, ns: str, digest: str) -> dict[str, str]:
-    with ContainerdClient(address, ns) as client:
-        info = client.content_info(digest)
-    assert info is not None, f"{digest} is not in containerd's content store"
-    return dict(info.labels)
-
-
-def blob_gets_after(registry, before: int, expected: int) -> int:
-    """Registry blob GETs since `before`, once the access log has `expected` of them (or after 5 s)."""
-    deadline = time.monotonic() + 5
-    while registry.blob_gets() - before < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
-    return registry.blob_gets() - before
 
 
 @pytest.fixture
@@ -145,6 +98,14 @@ def test_pulling_twice_is_idempotent(fresh, registry, app_image, ns):
     assert len(snapshots(fresh, ns)) == 3
     assert fresh.ctr("leases", "ls", "-q", namespace=ns).strip() == ""
     assert run(fresh, ns, app_image.ref, "/app/run.sh") == "app says hi\n"
+
+    text = run_cli("pull", app_image.ref, "--address", fresh.address, "--plain-http", "--namespace", ns).stdout
+    lines = text.splitlines()
+    assert [line.split()[:3] for line in lines[:3]] == [
+        ["layer", f"{i}/3", d["digest"][:19]] for i, d in enumerate(first["layers"], 1)
+    ]
+    assert all(line.split()[3] == "present" for line in lines[:3])
+    assert lines[3].startswith(f"pulled {app_image.ref} (linux/amd64, ") and "0 remote, 0 applied, 3 already present" in lines[3]
 
 
 def test_index_pulls_the_requested_platform(stack, index_image, ns):
