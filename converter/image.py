@@ -97,6 +97,8 @@ def convert_image(source: ImageSource, stores: list[Store], options: ConvertOpti
     """Convert `source` into every store in `stores`; raises LiftoffError with a one-line cause."""
     options = options or ConvertOptions()
     started = time.monotonic()
+    for store in stores:
+        store.prepare_writes()
     media_type, body, digest = source.resolve()
     media_type, doc = mediatypes.parse_document(body, media_type, f"{source.name}")
     workers = options.workers or default_workers(stores)

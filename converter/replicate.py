@@ -29,6 +29,7 @@ def replicate(source: Store, target: Store, names: list[str] | None, workers: in
     image record, so the target never holds a record whose data is missing.
     """
     chain = StoreChain([source])
+    target.prepare_writes()
     everything = names is None
     roots = [digest for digest, _ in iter_records(chain)] if everything else [find_image(chain, n)[0] for n in names]
     stats = ReplicateStats()

@@ -45,14 +45,14 @@ class ChunkFetcher:
         stores: list[Store],
         cache: ChunkCache,
         *,
-        attempts: int = 4,
+        retry_seconds: float = 30.0,
         backoff: float = 0.2,
         max_backoff: float = 5.0,
         on_fetch: Callable[[bytes, int], None] | None = None,
     ) -> None:
         self.stores = stores
         self.cache = cache
-        self.attempts = attempts
+        self.retry_seconds = retry_seconds
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.on_fetch = on_fetch
@@ -96,10 +96,15 @@ class ChunkFetcher:
             self.get(sha256, size, layer)
 
     def _fetch(self, sha256: bytes, size: int, layer: str) -> bytes:
+        """Try every store in order; repeat with backoff while a store fails (unreachable, corrupt
+        data) and `retry_seconds` last; a chunk that every store says is absent fails after a
+        second round."""
         key = chunk_key(sha256)
         errors: list[str] = []
         delay = self.backoff
-        for attempt in range(self.attempts):
+        deadline = time.monotonic() + self.retry_seconds
+        attempt = 0
+        while True:
             missing_everywhere = True
             for store in self.stores:
                 started = time.monotonic()
@@ -123,13 +128,14 @@ class ChunkFetcher:
                 if self.on_fetch is not None:
                     self.on_fetch(sha256, len(blob))
                 return data
-            if attempt + 1 < self.attempts and not (missing_everywhere and attempt >= 1):
-                with self._lock:
-                    self.stats.retries += 1
-                time.sleep(min(delay, self.max_backoff) * (0.5 + random.random()))
-                delay *= 2
-            elif missing_everywhere and attempt >= 1:
+            attempt += 1
+            pause = min(delay, self.max_backoff) * (0.5 + random.random())
+            if (missing_everywhere and attempt >= 2) or time.monotonic() + pause > deadline:
                 break
+            with self._lock:
+                self.stats.retries += 1
+            time.sleep(pause)
+            delay *= 2
         with self._lock:
             self.stats.failures += 1
         stores = ", ".join(s.url for s in self.stores)

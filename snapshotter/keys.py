@@ -49,6 +49,12 @@ def validate_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+def backend_namespace(key: str) -> str | None:
+    """The namespace a containerd backend key (`<ns>/<seq>/...`) names, or None."""
+    match = _BACKEND_PREFIX.match(key)
+    return match.group(1) if match else None
+
+
 def namespace_for(key: str, header: str | None) -> str:
     """The namespace of a request: the containerd-namespace header, else the key's `<ns>/<seq>/` prefix, else ""."""
     if header:

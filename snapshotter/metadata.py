@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerstore.errors import LiftoffError
+from snapshotter.keys import backend_namespace
 
 SCHEMA_VERSION = 1
 
@@ -110,9 +111,18 @@ class _Reader:
             self.conn.execute("COMMIT")
 
     def get(self, namespace: str, key: str) -> Snapshot | None:
-        """The snapshot `key` in `namespace`, with its labels, or None."""
+        """The snapshot `key` in `namespace`, with its labels, or None.
+
+        A backend key names its own namespace (`<ns>/<seq>/...`). containerd shares a remote
+        snapshot committed in one namespace with another that pulls the same layer (its
+        handshake lookup walks every namespace), and then refers to it by that key from the
+        other namespace: such a key is found in the namespace it names.
+        """
         with self._consistent():
             row = self.conn.execute(_SELECT + "WHERE s.namespace = ? AND s.key = ?", (namespace, key)).fetchone()
+            owner = backend_namespace(key)
+            if row is None and owner is not None and owner != namespace:
+                row = self.conn.execute(_SELECT + "WHERE s.namespace = ? AND s.key = ?", (owner, key)).fetchone()
             return self._with_labels([_row(row)])[0] if row else None
 
     def chain(self, snapshot_id: int) -> list[Snapshot]:

@@ -155,7 +155,7 @@ class RemoteLayers:
         with store.meta.write() as tx:
             if tx.get(namespace, name) is not None:
                 return  # committed by an earlier pull: containerd will find it
-            if parent is not None and tx.get(namespace, parent.key) is None:
+            if parent is not None and tx.get(parent.namespace, parent.key) is None:
                 raise NotFound(f"parent snapshot {parent.key!r} was removed")
             temp = store.layout.make_new(Kind.COMMITTED, None)
             sid = tx.insert(namespace, name, Kind.COMMITTED, parent.id if parent else None, labels, size, inodes)

@@ -45,6 +45,9 @@ class Store(abc.ABC):
         dest.put(key, data)
         return len(data)
 
+    def prepare_writes(self) -> None:  # noqa: B027 - nothing to do for most stores
+        """Get ready to be written to (a file store creates its directory)."""
+
     def sync(self) -> None:  # noqa: B027 - a no-op unless the store buffers writes
         """Make every completed put durable before dependent objects are written."""
 

@@ -24,6 +24,12 @@ class FileStore(Store):
         self.durable = durable
         self._dirs: set[Path] = set()
 
+    def prepare_writes(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the store directory {self.root}: {e.strerror}") from e
+
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or ".." in key.split("/"):
             raise StoreError(f"invalid object key {key!r}")
@@ -34,6 +40,10 @@ class FileStore(Store):
         try:
             return path.read_bytes()
         except FileNotFoundError:
+            if not self.root.is_dir():
+                raise StoreError(
+                    f"store {self.url} is unreachable: {self.root} does not exist (is its volume mounted?)"
+                ) from None
             raise ObjectNotFound(f"{key} not found in {self.url}") from None
         except OSError as e:
             raise StoreError(f"cannot read {key} from {self.url}: {e.strerror}") from e

@@ -79,6 +79,22 @@ class Stack:
         else:
             self.snapshotter.stop()
         self.snapshotter = start_snapshotter(self.root, self.socket, workdir=self.workdir, extra_args=["--store", self.store_url])
+        self.wait_reconnected()
+
+    def wait_reconnected(self, timeout: float = 30.0) -> None:
+        """Wait until containerd reaches the restarted snapshotter (its gRPC client reconnects with backoff)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run(
+                ["ctr", "--address", self.containerd.address, "snapshot", "--snapshotter", "liftoff", "ls"],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode == 0 or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
 
     def api(self, namespace: str = "default") -> SnapshotsClient:
         """containerd's Snapshots API (through containerd, as pulls use it) for the liftoff snapshotter."""
@@ -102,11 +118,38 @@ def stop_fused(client: FusedClient, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def start_stack(workdir: Path, store_url: str) -> Stack:
+def start_stack(workdir: Path, store_url: str, *extra: str, cri: bool = False) -> Stack:
+    """A snapshotter with remote layers from `store_url` (it starts its FUSE daemon), then containerd."""
     socket = workdir / "run" / "snapshotter.sock"
-    snap = start_snapshotter(workdir / "root", socket, workdir=workdir, extra_args=["--store", store_url])
-    ctd = start_containerd(workdir / "containerd", socket)
+    snap = start_snapshotter(workdir / "root", socket, workdir=workdir, extra_args=["--store", store_url, *extra])
+    ctd = start_containerd(workdir / "containerd", socket, cri=cri)
     return Stack(workdir, store_url, snap, ctd)
+
+
+def liftoff_pull(stack: Stack, ref: str, namespace: str = "default") -> dict:
+    """`liftoff pull` into the stack's containerd; the --json result."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerstore.cli",
+            "pull",
+            ref,
+            "--address",
+            stack.containerd.address,
+            "--plain-http",
+            "--snapshotter",
+            "liftoff",
+            "--namespace",
+            namespace,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="session")

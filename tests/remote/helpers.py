@@ -59,7 +59,7 @@ def handshake(api: Snapshots, chain_ids: list[str], layer_digests: list[str] | N
 def mounted_chain(api: Snapshots, top: str, target: Path):
     """An active snapshot on `top`, mounted at `target` (removed afterwards)."""
     key = f"inspect-{uuid.uuid4().hex[:8]}"
-    mounts = api.prepare(key, top)
+    mounts = api.prepare(key, top, {"containerd.io/gc.root": "test"})  # else containerd's GC may take it
     try:
         with mounted(mounts, target) as path:
             yield path
