@@ -75,11 +75,8 @@ class Service:
 def _spawn(name: str, argv: list[str], workdir: Path, env: dict | None = None) -> Service:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
-    log = open(log_path, "ab")
-    try:
+    with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    finally:
-        log.close()
     return Service(name, process, log_path)
 
 
@@ -232,15 +229,16 @@ def start_snapshotter(
     metrics: str | None = None,
     log_level: str = "debug",
     timeout: float = 30.0,
+    extra_args: list[str] | None = None,
 ) -> Service:
-    """Start `liftoff snapshotter --root ROOT --socket SOCKET` as a child; returns once it listens.
+    """Start `liftoff snapshotter --root ROOT --socket SOCKET [EXTRA_ARGS]` as a child; returns once it listens.
 
     The log goes to WORKDIR/snapshotter.log (WORKDIR defaults to ROOT's parent).
     `extra` holds "root" and "socket".
     """
     root, socket_path = Path(root).absolute(), Path(socket_path).absolute()
     argv = [sys.executable, "-m", "layerstore.cli", "snapshotter", "--root", str(root), "--socket", str(socket_path)]
-    argv += ["--log-level", log_level] + (["--metrics", metrics] if metrics else [])
+    argv += ["--log-level", log_level] + (["--metrics", metrics] if metrics else []) + list(extra_args or [])
     service = _spawn("snapshotter", argv, Path(workdir) if workdir else root.parent)
     service.extra.update(root=root, socket=socket_path)
     _wait_for_socket(socket_path, service, timeout)
