@@ -1,0 +1,117 @@
+"""The CPU sink: bytes land straight in each tensor's own memory; tensors are zero-copy views of it."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+import torch
+
+from weightstream.plan import Item, RangeTask
+from weightstream.pool import ByteBudget
+
+PREFAULT_MIN = 1 << 20
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def allocate_host(nbytes: int) -> torch.Tensor:
+    """Uninitialized CPU bytes for one tensor. Large buffers are mapped with MAP_POPULATE: the kernel
+    faults every page in one call, where first-touch faults taken by 16 receiving threads at once
+    contend on the page tables (measured here: 1.4 GB/s into fresh memory vs 6 GB/s into prefaulted).
+    The tensor owns the mapping: it is unmapped when the last view of it goes."""
+    if nbytes < PREFAULT_MIN:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=_MAP_FLAGS), dtype=torch.uint8)
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's memory (the same bytes, no copy)."""
+    if not tensor.is_contiguous():
+        raise ValueError("destination tensors must be contiguous")
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def writable(buffer: torch.Tensor) -> memoryview:
+    """A writable memoryview of a CPU uint8 tensor (for readinto/preadv)."""
+    return memoryview(buffer.numpy()).cast("B")
+
+
+class HostSink:
+    """Reserves each item's bytes in a ByteBudget when its first range is dispatched (main thread); the worker
+    that reads the range allocates the buffer (so page population runs beside the downloads, not in front)."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.budget = budget
+        self._reserved: dict[int, threading.Lock] = {}
+        self._counted: set[int] = set()
+        self._views: dict[int, memoryview] = {}
+        self._local = threading.local()
+
+    # -- main thread ---------------------------------------------------------------------------------
+    def can_start(self, task: RangeTask) -> bool:
+        """Within the budget, or needed to complete a tensor already under way (else a range holding the
+        tail of one big tensor and the head of the next could never start): peak is about pool + one tensor."""
+        items = task.items()
+        need = sum(i.nbytes for i in items if i.index not in self._reserved and i.dest is None)
+        return self.budget.fits(need) or any(i.index in self._reserved for i in items)
+
+    def start(self, task: RangeTask) -> None:
+        for item in task.items():
+            if item.index not in self._reserved:
+                self._reserved[item.index] = threading.Lock()
+                if item.dest is None:
+                    self.budget.take(item.nbytes)
+                    self._counted.add(item.index)
+
+    # -- worker thread -------------------------------------------------------------------------------
+    def _view(self, item: Item) -> memoryview:
+        with self._reserved[item.index]:
+            view = self._views.get(item.index)
+            if view is None:
+                item.buffer = byte_view(item.dest) if item.dest is not None else allocate_host(item.nbytes)
+                view = self._views[item.index] = writable(item.buffer)
+            return view
+
+    def _scratch(self, length: int) -> memoryview:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or len(scratch) < length:
+            scratch = self._local.scratch = bytearray(length)
+        return memoryview(scratch)[:length]
+
+    def prepare(self, task: RangeTask) -> None:
+        """Allocate (first range of an item) and point the range's targets at the items' memory."""
+        task.targets = [
+            self._scratch(p.length) if p.item is None else self._view(p.item)[p.dest : p.dest + p.length] for p in task.pieces
+        ]
+
+    # -- main thread, after the reads ------------------------------------------------------------------
+    def complete(self, task: RangeTask) -> None:
+        for item in task.items():
+            item.pending -= 1
+
+    def finished(self, task: RangeTask) -> None:
+        """The range's bytes have been hashed (if verifying); nothing is held for it here."""
+
+    def ready(self, item: Item) -> bool:
+        return item.pending == 0
+
+    def wait(self, item: Item) -> None:
+        """Items are complete as soon as their last range is (readinto wrote the final memory)."""
+
+    def wait_any(self) -> bool:
+        return False
+
+    def take(self, item: Item) -> torch.Tensor:
+        if item.index not in self._reserved:  # an item without bytes (empty tensor) was never dispatched
+            self._reserved[item.index] = threading.Lock()
+        self._view(item)
+        tensor = item.finish(item.buffer)
+        if item.index in self._counted:
+            self.budget.give(item.nbytes)
+            self._counted.discard(item.index)
+        self._views.pop(item.index, None)
+        item.buffer = None  # the consumer owns the memory now
+        return tensor
+
+    def close(self) -> None:
+        self._views.clear()
