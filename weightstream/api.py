@@ -269,6 +269,10 @@ def load(
         return checkpoint.load(device, dtype, filter=filter)
 
 
+def _some(names: list[str], count: int = 8) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
 def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     """Names that share storage with each other (tied weights): data_ptr -> names."""
     groups: dict[tuple, list[str]] = {}
@@ -302,11 +306,10 @@ def load_into(
         if strict and (missing or unexpected):
             raise LoadMismatchError(
                 f"{checkpoint.url} does not match {type(module).__name__}: "
-                + (f"missing {len(missing)} ({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}) " if missing else "")
-                + (
-                    f"unexpected {len(unexpected)} ({', '.join(unexpected[:8])}{', ...' if len(unexpected) > 8 else ''})"
-                    if unexpected
-                    else ""
+                + "; ".join(
+                    f"{kind} {len(names)} ({_some(names)})"
+                    for kind, names in (("missing", missing), ("unexpected", unexpected))
+                    if names
                 )
                 + "; pass strict=False to load the common part"
             )

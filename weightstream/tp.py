@@ -11,6 +11,9 @@ tensors matching no rule are replicated (read whole by every rank).
   * with a torch.distributed `group`, each rank GETs a disjoint block of rows and
     an all_to_all hands every rank its columns (network bytes: once in total);
   * without one, the rank reads the whole tensor and narrows it (counted in stats).
+
+Gaps between a rank's pieces shorter than `coalesce_gap` are read through rather
+than paid for with another request; pass coalesce_gap=0 for exact byte counts.
 """
 
 from __future__ import annotations
