@@ -1,0 +1,118 @@
+"""Hostile and broken safetensors files: every one is refused before any data is read, naming file and tensor."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+import weightstream
+from weightstream.errors import CheckpointFormatError
+from weightstream.format import MAX_HEADER_BYTES, parse_header
+
+FILE = "s3://bucket/m/model.safetensors"
+
+
+def encode(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def good_entry(begin: int = 0, end: int = 16, shape=(4,), dtype="F32") -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+CASES = {
+    "length beyond the object": (encode({"a": good_entry()}, b"\0" * 16, length=5000), "runs past the end"),
+    "header over 100 MB": (encode(b"{}", length=MAX_HEADER_BYTES + 1), "exceeds the 100000000-byte limit"),
+    "too small": (b"\x01\x00", "too small to be a safetensors file"),
+    "empty": (b"", "too small to be a safetensors file"),
+    "not an object": (encode(b"[1, 2, 3]"), "does not start with '{'"),
+    "not JSON": (encode(b"{not json"), "not valid JSON"),
+    "not UTF-8": (encode(b'{"\xff": 1}'), "not valid JSON"),
+    "duplicate names": (encode(b'{"a": {}, "a": {}}'), "duplicate key"),
+    "overlapping offsets": (
+        encode({"a": good_entry(0, 16), "b": good_entry(8, 24)}, b"\0" * 24),
+        "'b' at data_offsets [8, 24] overlaps tensor 'a'",
+    ),
+    "gap between tensors": (
+        encode({"a": good_entry(0, 16), "b": good_entry(20, 36)}, b"\0" * 36),
+        "gap of 4 bytes before tensor 'b'",
+    ),
+    "trailing bytes": (encode({"a": good_entry()}, b"\0" * 20), "trailing bytes"),
+    "offsets past the data": (encode({"a": good_entry(0, 16)}, b"\0" * 8), "run past the 8-byte data section"),
+    "shape/size mismatch": (
+        encode({"w": good_entry(0, 16, shape=(3, 2))}, b"\0" * 16),
+        "'w': shape [3, 2] of F32 needs 24 bytes",
+    ),
+    "unknown dtype": (encode({"q": good_entry(dtype="Q4_K")}, b"\0" * 16), "'q': unknown dtype 'Q4_K'"),
+    "missing dtype": (encode({"q": {"shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16), "'q': missing or non-string dtype"),
+    "negative shape": (encode({"s": good_entry(shape=(-4,))}, b"\0" * 16), "'s': shape must be a list of non-negative integers"),
+    "boolean shape": (encode({"s": good_entry(shape=(True,))}, b"\0" * 16), "'s': shape must be a list"),
+    "reversed offsets": (encode({"r": good_entry(16, 0)}, b"\0" * 16), "'r': data_offsets must be [begin, end]"),
+    "three offsets": (encode({"r": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8, 16]}}, b"\0" * 16), "'r': data_offsets"),
+    "entry not an object": (encode({"e": [1]}), "'e': entry is not a JSON object"),
+    "metadata not strings": (encode({"__metadata__": {"k": 1}}), "__metadata__ must map strings to strings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_broken_header_is_refused_with_file_and_tensor_named(case):
+    data, message = CASES[case]
+    with pytest.raises(CheckpointFormatError) as error:
+        parse_header(data, len(data), FILE)
+    assert str(error.value).startswith(FILE + ": ")
+    assert message in str(error.value)
+
+
+def test_valid_edge_cases_pass():
+    entries = {"e": good_entry(0, 0, shape=(0, 5)), "a": good_entry(0, 16), "z": good_entry(16, 16, shape=(2, 0))}
+    data = encode(entries, b"\0" * 16)
+    header = parse_header(data, len(data), FILE)
+    assert [t.name for t in header.tensors] == ["e", "a", "z"]
+    assert header.data_start == 8 + len(json.dumps(entries))
+    assert [(t.start - header.data_start, t.end - header.data_start) for t in header.tensors] == [(0, 0), (0, 16), (16, 16)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["length beyond the object", "header over 100 MB", "overlapping offsets", "shape/size mismatch", "unknown dtype", "empty"],
+)
+def test_hostile_objects_in_s3_are_refused_before_any_data_is_read(s3_prefix, fault_proxy, case):
+    data, message = CASES[case]
+    s3_prefix.put_bytes("model.safetensors", data)
+    fault_proxy.requests = 0
+    with pytest.raises(CheckpointFormatError) as error:
+        weightstream.open(s3_prefix.url(endpoint=fault_proxy.endpoint))
+    assert f"s3://{s3_prefix.bucket}/{s3_prefix.prefix}model.safetensors: " in str(error.value)
+    assert message in str(error.value)
+    assert fault_proxy.requests == 2  # the listing and the header probe: no data range was requested
+
+
+def test_truncated_shard_and_broken_index_are_refused(tmp_path, s3_prefix):
+    good = encode({"a": good_entry()}, b"\0" * 16)
+    s3_prefix.put_bytes("model-1.safetensors", good[:-3])  # cut short after upload
+    s3_prefix.put_bytes("model.safetensors.index.json", json.dumps({"weight_map": {"a": "model-1.safetensors"}}).encode())
+    with pytest.raises(CheckpointFormatError, match=r"model-1\.safetensors: .*run past"):
+        weightstream.open(s3_prefix.url())
+    s3_prefix.put_bytes("model-1.safetensors", good)
+    s3_prefix.put_bytes("model.safetensors.index.json", json.dumps({"weight_map": {"a": "../../etc/passwd"}}).encode())
+    with pytest.raises(CheckpointFormatError, match="must be a relative path"):
+        weightstream.open(s3_prefix.url())
+    s3_prefix.put_bytes("model.safetensors.index.json", json.dumps({"weight_map": {"b": "model-1.safetensors"}}).encode())
+    with pytest.raises(
+        CheckpointFormatError, match=r"maps tensor 'b' to model-1\.safetensors, but that shard does not contain it"
+    ):
+        weightstream.open(s3_prefix.url())
+    s3_prefix.put_bytes("model.safetensors.index.json", b"{}")
+    with pytest.raises(CheckpointFormatError, match="weight_map"):
+        weightstream.open(s3_prefix.url())
+    twin = encode({"a": good_entry()}, b"\1" * 16)
+    s3_prefix.put_bytes("model-2.safetensors", twin)
+    s3_prefix.put_bytes(
+        "model.safetensors.index.json",
+        json.dumps({"weight_map": {"a": "model-1.safetensors", "x": "model-2.safetensors"}}).encode(),
+    )
+    with pytest.raises(CheckpointFormatError, match="tensor 'a' is in both"):
+        weightstream.open(s3_prefix.url())
