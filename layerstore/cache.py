@@ -34,6 +34,8 @@ class ChunkCache:
         self._lock = threading.Lock()
         self._lru: OrderedDict[bytes, int] = OrderedDict()  # sha256 -> size, oldest first
         self._verified: set[bytes] = set()  # written or checked by this process
+        self._fds: OrderedDict[bytes, int] = OrderedDict()  # open descriptors of hot chunks
+        self.max_open = 256
         self.used = 0
         self.evictions = 0
         self._scan()
@@ -73,21 +75,35 @@ class ChunkCache:
             if sha256 not in self._lru:
                 return None
             self._lru.move_to_end(sha256)
+            fd = self._fds.get(sha256)
+            if fd is not None:
+                self._fds.move_to_end(sha256)
+                return os.pread(fd, length, offset)  # under the lock: eviction cannot close it meanwhile
             verified = sha256 in self._verified
-        path = self.path(sha256)
         try:
-            with open(path, "rb", buffering=0) as f:
-                if not verified:
-                    if hashlib.file_digest(f, "sha256").digest() != sha256:
-                        log.warning("dropping cached chunk %s: its content does not match its name", sha256.hex())
-                        self.discard([sha256])
-                        return None
-                    with self._lock:
-                        self._verified.add(sha256)
-                return os.pread(f.fileno(), length, offset)
+            fd = os.open(self.path(sha256), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self._forget(sha256)
             return None
+        if not verified:
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                good = hashlib.file_digest(f, "sha256").digest() == sha256
+            if not good:
+                os.close(fd)
+                log.warning("dropping cached chunk %s: its content does not match its name", sha256.hex())
+                self.discard([sha256])
+                return None
+        data = os.pread(fd, length, offset)
+        with self._lock:
+            self._verified.add(sha256)
+            if sha256 in self._lru and sha256 not in self._fds:
+                self._fds[sha256] = fd
+                fd = -1
+                while len(self._fds) > self.max_open:
+                    os.close(self._fds.popitem(last=False)[1])
+        if fd >= 0:
+            os.close(fd)
+        return data
 
     def put(self, sha256: bytes, data: bytes | memoryview) -> None:
         """Store a verified chunk (temp file + rename), then evict down to capacity."""
@@ -115,11 +131,18 @@ class ChunkCache:
                     continue
                 del self._lru[sha256]
                 self._verified.discard(sha256)
+                self._close(sha256)
                 self.used -= size
                 self.evictions += 1
                 victims.append(sha256)
         for sha256 in victims:
             self.path(sha256).unlink(missing_ok=True)
+
+    def _close(self, sha256: bytes) -> None:
+        """Close a cached descriptor (lock held)."""
+        fd = self._fds.pop(sha256, None)
+        if fd is not None:
+            os.close(fd)
 
     def _forget(self, sha256: bytes) -> None:
         with self._lock:
@@ -127,6 +150,7 @@ class ChunkCache:
             if size is not None:
                 self.used -= size
             self._verified.discard(sha256)
+            self._close(sha256)
 
     def discard(self, digests: Iterable[bytes]) -> int:
         """Remove these chunks; returns how many were cached."""

@@ -245,6 +245,23 @@ def start_snapshotter(
     return service
 
 
+def start_fused(
+    root: str | os.PathLike[str],
+    args: list[str],
+    workdir: str | os.PathLike[str] | None = None,
+    log_level: str = "info",
+    timeout: float = 30.0,
+) -> Service:
+    """Start `liftoff fused --root ROOT ARGS` (the FUSE daemon) as a child; returns once it answers.
+
+    The snapshotter of ROOT's parent then attaches to it (`--no-start-fused`)."""
+    root = Path(root).absolute()
+    argv = [sys.executable, "-m", "layerstore.cli", "--log-level", log_level, "fused", "--root", str(root), *args]
+    service = _spawn("fused", argv, Path(workdir) if workdir else root.parent)
+    _wait_for_socket(root / "fused.sock", service, timeout)
+    return service
+
+
 @dataclass
 class Containerd:
     """Debian's containerd as a child with a private root, state and socket; `ctr()` talks to it."""

@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics on HOST:PORT or :PORT")
     add_store_options(p, required=False)
     p.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})")
+    p.add_argument("--fuse-readahead", default="128K", help="readahead of the FUSE views, for a FUSE daemon it starts")
     p.add_argument(
         "--no-start-fused",
         action="store_true",
@@ -48,6 +49,13 @@ def register(subparsers) -> None:
     f.add_argument("--root", required=True, help="state directory (the snapshotter uses ROOT/remote of its own root)")
     add_store_options(f)
     f.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})")
+    f.add_argument(
+        "--backend",
+        choices=["kernel", "fusepy"],
+        default="kernel",
+        help="FUSE implementation: our kernel-protocol server (default) or fusepy/libfuse2 (for comparison)",
+    )
+    f.add_argument("--max-readahead", default="128K", help="FUSE readahead the kernel may do per file (default 128K)")
     f.set_defaults(run=run_fused)
 
 
@@ -108,7 +116,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         fused = FusedClient(remote_root / "fused.sock")
     else:
-        fused = ensure_fused(remote_root, _store_argv(args), args.cache_size, args.snapshotter_log_level)
+        fused = ensure_fused(
+            remote_root, [*_store_argv(args), "--max-readahead", args.fuse_readahead], args.cache_size, args.snapshotter_log_level
+        )
     remote = RemoteLayers(remote_root, open_stores(args.store, **store_options(args)), fused)
     return serve(
         args.root,
@@ -124,7 +134,13 @@ def run_fused(args: argparse.Namespace) -> int:
     from layerstore.stores import open_stores
     from snapshotter.fuse_daemon import run
 
-    return run(args.root, open_stores(args.store, **store_options(args)), _bytes(args.cache_size))
+    return run(
+        args.root,
+        open_stores(args.store, **store_options(args)),
+        _bytes(args.cache_size),
+        backend=args.backend,
+        max_readahead=_bytes(args.max_readahead),
+    )
 
 
 def run_config(args: argparse.Namespace) -> int:

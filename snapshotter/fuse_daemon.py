@@ -26,6 +26,7 @@ import signal
 import socketserver
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from layerstore.cache import ChunkCache
@@ -34,7 +35,7 @@ from layerstore.fetch import ChunkFetcher
 from layerstore.index import decode_index
 from layerstore.stores import Store
 from snapshotter import fuse_control
-from snapshotter.fuse_fs import ViewFS, serve_view
+from snapshotter.fuse_server import FuseSession
 from snapshotter.fuse_tree import View
 
 log = logging.getLogger(__name__)
@@ -86,20 +87,37 @@ class IndexDir:
 
 
 class MountedView:
+    """A view being served: by our kernel-protocol server (`session`) or by fusepy (`thread`)."""
+
     def __init__(self, view_id: str, layers: list[str], layers_below: bool, view: View, mountpoint: Path) -> None:
         self.id = view_id
         self.layers = layers
         self.layers_below = layers_below
         self.view = view
         self.mountpoint = mountpoint
+        self.session: FuseSession | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+
+    def alive(self) -> bool:
+        if self.session is not None:
+            return self.session.alive()
+        return self.thread is not None and self.thread.is_alive()
 
 
 class FuseDaemon:
     """Serves views of remote layers; controlled over fused.sock."""
 
-    def __init__(self, root: str | os.PathLike[str], stores: list[Store], cache_bytes: int) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        stores: list[Store],
+        cache_bytes: int,
+        *,
+        backend: str = "kernel",
+        max_readahead: int = 128 << 10,
+        fetch_threads: int = 32,
+    ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.root / "fused.lock", "a+")  # noqa: SIM115 - held for the process's life
@@ -116,6 +134,9 @@ class FuseDaemon:
         self.fetcher = ChunkFetcher(stores, self.cache)
         self.stores = stores
         self.views: dict[str, MountedView] = {}
+        self.backend = backend
+        self.max_readahead = max_readahead
+        self.fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="fetch")
         self._lock = threading.RLock()
         self.stopping = threading.Event()
 
@@ -136,7 +157,7 @@ class FuseDaemon:
             raise LiftoffError(f"view id {view_id} does not match its layers")
         with self._lock:
             mounted = self.views.get(view_id)
-            if mounted is not None and mounted.thread is not None and mounted.thread.is_alive():
+            if mounted is not None and mounted.alive():
                 return mounted.mountpoint
             started = time.monotonic()
             view = View([self.indexes.load(d) for d in layers], layers_below)
@@ -146,22 +167,14 @@ class FuseDaemon:
                 lazy_unmount(mountpoint)
             mountpoint.mkdir(exist_ok=True)
             mounted = MountedView(view_id, layers, layers_below, view, mountpoint)
-            fs = ViewFS(view, self.fetcher, view_id)
-
-            def run() -> None:
+            if self.backend == "kernel":
+                mounted.session = FuseSession(view, self.fetcher, view_id, self.fetch_pool, max_readahead=self.max_readahead)
                 try:
-                    serve_view(fs, str(mountpoint))
-                except BaseException as e:  # reported to the waiting mount() below
-                    mounted.error = e
-                    log.error("view %s stopped: %s", view_id, e)
-
-            mounted.thread = threading.Thread(target=run, name=f"view-{view_id[:8]}", daemon=True)
-            mounted.thread.start()
-            deadline = time.monotonic() + 15
-            while not os.path.ismount(mountpoint):
-                if not mounted.thread.is_alive() or time.monotonic() > deadline:
-                    raise LiftoffError(f"mounting view {view_id} at {mountpoint} failed: {mounted.error or 'timeout'}")
-                time.sleep(0.002)
+                    mounted.session.mount(mountpoint)
+                except OSError as e:
+                    raise LiftoffError(f"mounting view {view_id} at {mountpoint} failed: {e}") from None
+            else:
+                self._mount_fusepy(mounted)
             self.views[view_id] = mounted
             self._write_spec(mounted)
             log.info(
@@ -173,6 +186,27 @@ class FuseDaemon:
                 time.monotonic() - started,
             )
             return mountpoint
+
+    def _mount_fusepy(self, mounted: MountedView) -> None:
+        """The libfuse2 path through fusepy (kept to compare against: benchmarks/fuse_micro.py)."""
+        from snapshotter.fuse_fs import ViewFS, serve_view
+
+        fs = ViewFS(mounted.view, self.fetcher, mounted.id)
+
+        def run() -> None:
+            try:
+                serve_view(fs, str(mounted.mountpoint))
+            except BaseException as e:  # reported to the waiting mount below
+                mounted.error = e
+                log.error("view %s stopped: %s", mounted.id, e)
+
+        mounted.thread = threading.Thread(target=run, name=f"view-{mounted.id[:8]}", daemon=True)
+        mounted.thread.start()
+        deadline = time.monotonic() + 15
+        while not os.path.ismount(mounted.mountpoint):
+            if not mounted.thread.is_alive() or time.monotonic() > deadline:
+                raise LiftoffError(f"mounting view {mounted.id} at {mounted.mountpoint} failed: {mounted.error or 'timeout'}")
+            time.sleep(0.002)
 
     def _write_spec(self, mounted: MountedView) -> None:
         path = self.views_dir / f"{mounted.id}.json"
@@ -285,7 +319,7 @@ def serve_control(daemon: FuseDaemon, socket_path: Path) -> socketserver.Threadi
     return server
 
 
-def run(root: str | os.PathLike[str], stores: list[Store], cache_bytes: int) -> int:
+def run(root: str | os.PathLike[str], stores: list[Store], cache_bytes: int, **options) -> int:
     """Run the FUSE daemon until SIGTERM/SIGINT or a shutdown request."""
     stop = threading.Event()
     # Before any mount: libfuse installs its own handlers only where none is set.
@@ -293,7 +327,7 @@ def run(root: str | os.PathLike[str], stores: list[Store], cache_bytes: int) -> 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.getLogger("fuse").setLevel(logging.WARNING)  # fusepy logs every ENOENT/ENODATA with a traceback
-    daemon = FuseDaemon(root, stores, cache_bytes)
+    daemon = FuseDaemon(root, stores, cache_bytes, **options)
     daemon.stopping = stop
     daemon.restore()
     server = serve_control(daemon, daemon.root / "fused.sock")

@@ -1,0 +1,53 @@
+"""The Linux FUSE protocol (include/uapi/linux/fuse.h), as much of it as a read-only filesystem needs.
+
+liftoff speaks the protocol to /dev/fuse itself instead of through libfuse: that is what
+lets it ask for what moves start time and no Python binding exposes all of (the kernel's
+no-open and no-opendir modes, cached symlinks and directory listings, readdirplus, 1 MiB
+reads), and it keeps a mount's connection in one file descriptor the daemon owns.
+"""
+
+from __future__ import annotations
+
+import struct
+
+KERNEL_MAJOR = 7
+KERNEL_MINOR = 31  # what we speak; the kernel answers with its own minor, we use the lower
+
+# opcodes
+LOOKUP, FORGET, GETATTR, SETATTR, READLINK = 1, 2, 3, 4, 5
+OPEN, READ, WRITE, STATFS, RELEASE = 14, 15, 16, 17, 18
+GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 22, 23, 25, 26, 27, 28, 29
+ACCESS, INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS, STATX = 34, 36, 38, 42, 44, 52
+
+# INIT flags
+ASYNC_READ = 1 << 0
+PARALLEL_DIROPS = 1 << 18
+DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
+NO_OPEN_SUPPORT = 1 << 17
+MAX_PAGES = 1 << 22
+CACHE_SYMLINKS = 1 << 23
+NO_OPENDIR_SUPPORT = 1 << 24
+
+# open reply flags
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
+OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
+INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags (flags2 and more follow on new kernels)
+INIT_OUT = struct.Struct(
+    "<IIIIHHIIHHI"
+)  # ... max_background, congestion_threshold, max_write, time_gran, max_pages, map_alignment, flags2
+INIT_OUT_SIZE = 64
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks atime mtime ctime *nsec mode nlink uid gid rdev blksize flags
+ENTRY_PREFIX = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec
+ATTR_OUT_PREFIX = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
+OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
+READ_IN = struct.Struct("<QQII")  # fh offset size read_flags (lock_owner, flags follow)
+GETXATTR_IN = struct.Struct("<II")  # size padding
+GETXATTR_OUT = struct.Struct("<II")  # size padding
+DIRENT = struct.Struct("<QQII")  # ino off namelen type
+KSTATFS = struct.Struct("<QQQQQIII")  # blocks bfree bavail files ffree bsize namelen frsize (+ padding, spare[6])
+KSTATFS_SIZE = 80
+UNIQUE = struct.Struct("<Q")

@@ -1,0 +1,352 @@
+"""A FUSE server for one view, speaking the kernel protocol on /dev/fuse (fuse_kernel.py).
+
+Per mount: a few reader threads take requests from the mount's /dev/fuse descriptor and
+answer everything but file data from the in-memory tree. A read whose chunks are all in
+the local cache is answered on the reader thread; one that must fetch goes to a shared
+fetch pool, which replies when the chunks arrive (FUSE lets replies come in any order),
+so a slow store never holds up lookups and other reads.
+
+Negotiated at INIT, when the kernel offers them: no-open and no-opendir (no OPEN/RELEASE
+round trips; page cache and directory listings kept), cached symlinks, readdirplus (a
+listing carries every entry's attributes), 1 MiB reads, parallel directory operations,
+asynchronous reads. Entries, attributes and negative lookups are valid for a day: layers
+are immutable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from layerstore.fetch import ChunkFetcher, ChunkUnavailable
+from snapshotter import fuse_kernel as k
+from snapshotter.fuse_tree import Node, View
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 86400  # seconds the kernel may cache entries, attributes and negative lookups
+MAX_WRITE = 128 << 10  # read-only: requests stay small
+READ_BUFFER = MAX_WRITE + 4096
+MAX_PAGES = 256  # 1 MiB per read request
+MS_RDONLY = 1
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_NEGATIVE = k.ENTRY_PREFIX.pack(0, 0, TIMEOUT, TIMEOUT, 0, 0) + bytes(k.ATTR.size)
+_ATTR_OUT = k.ATTR_OUT_PREFIX.pack(TIMEOUT, 0, 0)
+_WANT = (
+    k.ASYNC_READ
+    | k.PARALLEL_DIROPS
+    | k.DO_READDIRPLUS
+    | k.NO_OPEN_SUPPORT
+    | k.NO_OPENDIR_SUPPORT
+    | k.MAX_PAGES
+    | k.CACHE_SYMLINKS
+)
+
+OnRead = Callable[[Node, int, int], None]
+
+
+def _attr(node: Node) -> bytes:
+    seconds, nanos = divmod(node.mtime_ns, 1_000_000_000)
+    size = node.size if not node.is_dir else 4096
+    return k.ATTR.pack(
+        node.ino,
+        size,
+        (size + 511) // 512,
+        seconds,
+        seconds,
+        seconds,
+        nanos,
+        nanos,
+        nanos,
+        node.mode,
+        node.nlink,
+        node.uid,
+        node.gid,
+        node.rdev,
+        4096,
+        0,
+    )
+
+
+class FuseSession:
+    """Serves one View at one mount point."""
+
+    def __init__(
+        self,
+        view: View,
+        fetcher: ChunkFetcher,
+        label: str,
+        fetch_pool: ThreadPoolExecutor,
+        *,
+        readers: int = 4,
+        max_readahead: int = 128 << 10,
+        on_read: OnRead | None = None,
+    ) -> None:
+        self.view = view
+        self.fetcher = fetcher
+        self.label = label
+        self.pool = fetch_pool
+        self.readers = readers
+        self.max_readahead = max_readahead
+        self.on_read = on_read
+        self.fd = -1
+        self.mountpoint: Path | None = None
+        self.flags = 0  # what INIT negotiated
+        self.initialized = threading.Event()
+        self.requests = 0
+        self._threads: list[threading.Thread] = []
+        self._entries: dict[int, bytes] = {}  # ino -> entry_out (valid for as long as we run)
+        self._listings: dict[int, list[tuple[bytes, Node]]] = {}
+        self._statfs = self._make_statfs()
+        self._handlers = {
+            k.LOOKUP: self._lookup,
+            k.GETATTR: self._getattr,
+            k.READLINK: self._readlink,
+            k.OPEN: self._open,
+            k.OPENDIR: self._opendir,
+            k.READ: self._read,
+            k.READDIR: self._readdir,
+            k.READDIRPLUS: self._readdirplus,
+            k.GETXATTR: self._getxattr,
+            k.LISTXATTR: self._listxattr,
+            k.STATFS: lambda unique, node, body: self._reply(unique, self._statfs),
+            k.ACCESS: self._access,
+            k.RELEASE: lambda unique, node, body: self._reply(unique),
+            k.RELEASEDIR: lambda unique, node, body: self._reply(unique),
+            k.INIT: self._init,
+            k.DESTROY: lambda unique, node, body: self._reply(unique),
+        }
+
+    # -- mounting --------------------------------------------------------------------------
+
+    def mount(self, mountpoint: Path, timeout: float = 15.0) -> None:
+        """Mount at `mountpoint` and start serving; returns once the kernel's INIT is answered."""
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        options = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
+        source = f"liftoff:{self.label}".encode()
+        if _libc.mount(source, str(mountpoint).encode(), b"fuse.liftoff", MS_RDONLY, options.encode()) != 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"mount of view {self.label} at {mountpoint}: {os.strerror(err)}")
+        self.mountpoint = mountpoint
+        for i in range(self.readers):
+            thread = threading.Thread(target=self._serve, name=f"fuse-{self.label[:8]}-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        st = os.stat(mountpoint)  # makes the kernel send INIT; returns once it is answered
+        if not self.initialized.wait(timeout):
+            raise OSError(errno.ETIMEDOUT, f"view {self.label}: no INIT from the kernel")
+        self._set_readahead(st.st_dev)
+
+    def _set_readahead(self, device: int) -> None:
+        """The kernel caps a FUSE mount's readahead at its default (128 KiB) whatever INIT asks;
+        a larger window (1 MiB reads instead of 128 KiB) is set on the mount's backing device."""
+        path = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+        try:
+            path.write_text(str(self.max_readahead // 1024))
+        except OSError as e:
+            log.warning(
+                "view %s: cannot set readahead to %d KiB (%s): reads stay at 128 KiB", self.label, self.max_readahead // 1024, e
+            )
+
+    def unmount(self) -> None:
+        """Detach the mount (lazily: containers using it keep it); the reader threads then end."""
+        if self.mountpoint is not None and _libc.umount2(str(self.mountpoint).encode(), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOENT):
+                log.warning("umount %s: %s", self.mountpoint, os.strerror(err))
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    # -- the request loop ------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, READ_BUFFER)
+            except OSError as e:
+                if e.errno == errno.ENODEV:  # unmounted
+                    return
+                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue
+                log.error("view %s: reading /dev/fuse: %s", self.label, e)
+                return
+            try:
+                self._dispatch(data)
+            except Exception:
+                log.exception("view %s: request failed", self.label)
+
+    def _dispatch(self, data: bytes) -> None:
+        length, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = k.IN_HEADER.unpack_from(data)
+        self.requests += 1
+        if opcode in (k.FORGET, k.BATCH_FORGET, k.INTERRUPT):
+            return  # nodes live as long as the view; interrupted requests just finish
+        handler = self._handlers.get(opcode)
+        if handler is None:
+            read_only = opcode in (4, 6, 8, 9, 10, 11, 12, 13, 16, 21, 24, 35, 43, 45)  # would change the tree
+            self._reply(unique, error=errno.EROFS if read_only else errno.ENOSYS)
+            return
+        body = memoryview(data)[k.IN_HEADER.size : length]
+        if opcode == k.INIT:
+            handler(unique, None, body)
+            return
+        node = self.view.node(nodeid)
+        if node is None:
+            self._reply(unique, error=errno.ENOENT)
+            return
+        handler(unique, node, body)
+
+    def _reply(self, unique: int, *parts: bytes, error: int = 0) -> None:
+        length = k.OUT_HEADER.size + sum(len(p) for p in parts)
+        try:
+            os.writev(self.fd, [k.OUT_HEADER.pack(length, -error, unique), *parts])
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):  # ENOENT: the request was interrupted
+                log.warning("view %s: reply failed: %s", self.label, e)
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def _init(self, unique: int, _node, body: memoryview) -> None:
+        major, minor, max_readahead, flags = k.INIT_IN.unpack_from(body)
+        if major != k.KERNEL_MAJOR:
+            self._reply(unique, error=errno.EPROTO)
+            return
+        self.flags = flags & _WANT
+        out = k.INIT_OUT.pack(
+            k.KERNEL_MAJOR, min(minor, k.KERNEL_MINOR), max_readahead, self.flags, 64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0
+        )
+        self._reply(unique, out + bytes(k.INIT_OUT_SIZE - len(out)))
+        self.initialized.set()
+        log.debug("view %s: INIT kernel 7.%d, flags %#x", self.label, minor, self.flags)
+
+    def _entry(self, node: Node) -> bytes:
+        entry = self._entries.get(node.ino)
+        if entry is None:
+            entry = self._entries[node.ino] = k.ENTRY_PREFIX.pack(node.ino, 0, TIMEOUT, TIMEOUT, 0, 0) + _attr(node)
+        return entry
+
+    def _lookup(self, unique: int, parent: Node, body: memoryview) -> None:
+        if parent.children is None:
+            self._reply(unique, error=errno.ENOTDIR)
+            return
+        child = parent.children.get(bytes(body[:-1]))
+        self._reply(unique, self._entry(child) if child is not None else _NEGATIVE)
+
+    def _getattr(self, unique: int, node: Node, body: memoryview) -> None:
+        self._reply(unique, _ATTR_OUT, self._entry(node)[k.ENTRY_PREFIX.size :])
+
+    def _readlink(self, unique: int, node: Node, body: memoryview) -> None:
+        if not stat.S_ISLNK(node.mode):
+            self._reply(unique, error=errno.EINVAL)
+            return
+        self._reply(unique, node.link)
+
+    def _open(self, unique: int, node: Node, body: memoryview) -> None:
+        if self.flags & k.NO_OPEN_SUPPORT:
+            self._reply(unique, error=errno.ENOSYS)  # from now on the kernel opens without asking
+            return
+        open_flags = int.from_bytes(body[:4], "little")
+        if open_flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self._reply(unique, error=errno.EROFS)
+            return
+        self._reply(unique, k.OPEN_OUT.pack(0, k.FOPEN_KEEP_CACHE, 0))
+
+    def _opendir(self, unique: int, node: Node, body: memoryview) -> None:
+        if self.flags & k.NO_OPENDIR_SUPPORT:
+            self._reply(unique, error=errno.ENOSYS)
+            return
+        self._reply(unique, k.OPEN_OUT.pack(0, k.FOPEN_KEEP_CACHE | k.FOPEN_CACHE_DIR, 0))
+
+    def _read(self, unique: int, node: Node, body: memoryview) -> None:
+        _fh, offset, size, _flags = k.READ_IN.unpack_from(body)
+        if not stat.S_ISREG(node.mode):
+            self._reply(unique, error=errno.EISDIR if node.is_dir else errno.EINVAL)
+            return
+        pieces = self.view.extents_for(node, offset, size)
+        if self.on_read is not None:
+            self.on_read(node, offset, size)
+        cache = self.fetcher.cache
+        if all(chunk.sha256 in cache for chunk, _, _ in pieces):
+            self._answer_read(unique, node, pieces)
+        else:
+            self.pool.submit(self._answer_read, unique, node, pieces)
+
+    def _answer_read(self, unique: int, node: Node, pieces) -> None:
+        layer = self.view.layers[node.layer].layer_digest if node.layer >= 0 else ""
+        try:
+            parts = [self.fetcher.read(chunk.sha256, chunk.size, start, length, layer) for chunk, start, length in pieces]
+        except ChunkUnavailable as e:
+            log.error("view %s: read of inode %d failed: %s", self.label, node.ino, e)
+            self._reply(unique, error=errno.EIO)
+            return
+        self._reply(unique, *parts)
+
+    def _listing(self, node: Node) -> list[tuple[bytes, Node]]:
+        listing = self._listings.get(node.ino)
+        if listing is None:
+            assert node.children is not None
+            listing = self._listings[node.ino] = [(b".", node), (b"..", node), *node.children.items()]
+        return listing
+
+    def _readdir(self, unique: int, node: Node, body: memoryview, plus: bool = False) -> None:
+        if node.children is None:
+            self._reply(unique, error=errno.ENOTDIR)
+            return
+        _fh, offset, size, _flags = k.READ_IN.unpack_from(body)
+        out = bytearray()
+        listing = self._listing(node)
+        for index in range(offset, len(listing)):
+            name, child = listing[index]
+            dirent = k.DIRENT.pack(child.ino, index + 1, len(name), stat.S_IFMT(child.mode) >> 12) + name
+            dirent += bytes(-len(dirent) % 8)
+            if plus:
+                entry = self._entry(child) if index >= 2 else bytes(k.ENTRY_PREFIX.size + k.ATTR.size)  # . and ..: no entry
+                dirent = entry + dirent
+            if len(out) + len(dirent) > size:
+                break
+            out += dirent
+        self._reply(unique, bytes(out))
+
+    def _readdirplus(self, unique: int, node: Node, body: memoryview) -> None:
+        self._readdir(unique, node, body, plus=True)
+
+    def _xattr_reply(self, unique: int, value: bytes, size: int) -> None:
+        if size == 0:
+            self._reply(unique, k.GETXATTR_OUT.pack(len(value), 0))
+        elif size < len(value):
+            self._reply(unique, error=errno.ERANGE)
+        else:
+            self._reply(unique, value)
+
+    def _getxattr(self, unique: int, node: Node, body: memoryview) -> None:
+        size, _ = k.GETXATTR_IN.unpack_from(body)
+        name = bytes(body[k.GETXATTR_IN.size :]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        value = node.xattrs.get(name)
+        if value is None:
+            self._reply(unique, error=errno.ENODATA)
+            return
+        self._xattr_reply(unique, value, size)
+
+    def _listxattr(self, unique: int, node: Node, body: memoryview) -> None:
+        size, _ = k.GETXATTR_IN.unpack_from(body)
+        names = b"".join(name.encode("utf-8", "surrogateescape") + b"\0" for name in node.xattrs)
+        self._xattr_reply(unique, names, size)
+
+    def _access(self, unique: int, node: Node, body: memoryview) -> None:
+        mask = int.from_bytes(body[:4], "little")
+        self._reply(unique, error=errno.EROFS if mask & os.W_OK else 0)
+
+    def _make_statfs(self) -> bytes:
+        nodes = [n for n in self.view.nodes[1:] if n is not None]
+        blocks = sum((n.size + 4095) // 4096 for n in nodes if stat.S_ISREG(n.mode))
+        packed = k.KSTATFS.pack(blocks, 0, 0, len(nodes), 0, 4096, 255, 4096)
+        return packed + bytes(k.KSTATFS_SIZE - len(packed))
