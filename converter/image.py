@@ -234,6 +234,8 @@ def _convert_manifest(source, stores, options, uploader, digest, media_type, bod
         store.sync()
         for i, spec in enumerate(specs):
             record = ChainRecord(chains[i], spec.digest, spec.diff_id, chains[i - 1] if i else None)
+            if i == len(specs) - 1:  # the top of this image: lets a snapshotter find the image (and its profile)
+                record.images = sorted({digest, *_existing_images(store, chains[i])})
             _put_if_changed(store, chain_key(chains[i]), record.to_json())
         store.sync()
     record = ImageRecord(
@@ -296,6 +298,13 @@ def _existing_index(stores: list[Store], key: str):
         except (ObjectNotFound, FormatError):
             return None
     return index
+
+
+def _existing_images(store: Store, chain_id: str) -> list[str]:
+    try:
+        return ChainRecord.from_json(store.get(chain_key(chain_id)), chain_key(chain_id)).images
+    except (ObjectNotFound, FormatError):
+        return []
 
 
 def _put_if_changed(store: Store, key: str, data: bytes) -> bool:

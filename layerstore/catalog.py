@@ -73,3 +73,23 @@ def load_index(stores: Store | StoreChain, layer_digest: str) -> pb.LayerIndex:
     """A layer's parsed, validated index."""
     key = layer_index_key(layer_digest)
     return decode_index(_chain(stores).get(key), key)
+
+
+def set_profile(stores: list[Store], digest: str, profile: dict | None) -> int:
+    """Replace the startup profile of image `digest` in every store that holds it (an atomic
+    replace of the record); returns how many records were written."""
+    key = image_key(digest)
+    written = 0
+    for store in stores:
+        try:
+            record = parse_image_key_record(store.get(key), f"{store.url}/{key}")
+        except ObjectNotFound:
+            continue
+        if not isinstance(record, ImageRecord):
+            raise FormatError(f"{digest} is a multi-platform index: record the profile of one of its images")
+        record.profile = profile
+        store.put(key, record.to_json())
+        written += 1
+    if not written:
+        raise ObjectNotFound(f"no image {digest} in {', '.join(s.url for s in stores)}: convert it first")
+    return written

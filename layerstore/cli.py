@@ -27,6 +27,7 @@ COMMANDS = {
     "snapshotter": "snapshotter.cli",
     "pull": "snapshotter.cli",
     "fused": "snapshotter.cli",
+    "profile": "snapshotter.cli",
     "weights": "weightstream.cli",
     "demo": "layerstore.demo",
 }
@@ -67,8 +68,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the liftoff command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    passthrough: list[str] = []
+    if "--" in argv:  # `liftoff profile IMAGE ... -- CMD ARGS`: what follows is a command, not options
+        at = argv.index("--")
+        argv, passthrough = argv[:at], argv[at + 1 :]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    args.passthrough = passthrough
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)

@@ -172,14 +172,16 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> dict:
             f"{lazy_blobs} registry blob GET (config), "
             f"{fetched['chunks']} chunks = {fetched['bytes'] / 1e6:.2f} MB from the store"
         )
-        fused.call("shutdown")
         return results
     finally:
+        from snapshotter.fuse_control import FusedClient
+
         for service in reversed(services):
             try:
                 service.stop()
             except Exception as e:  # best effort teardown: report, go on
                 print(f"  (stopping {type(service).__name__}: {e})", file=sys.stderr)
+        FusedClient(work / "snapshotter" / "remote" / "fused.sock").shutdown()  # it outlives the snapshotter by design
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -31,6 +31,7 @@ class ChainRecord:
     layer_digest: str
     diff_id: str
     parent: str | None  # the chainID below, None for the bottom layer
+    images: list[str] = field(default_factory=list)  # manifest digests whose top layer completes this chain
 
     def to_json(self) -> bytes:
         return _dump({"schema": CHAIN_SCHEMA, **asdict(self)})
@@ -38,7 +39,10 @@ class ChainRecord:
     @classmethod
     def from_json(cls, data: bytes, where: str) -> ChainRecord:
         doc = _load(data, CHAIN_SCHEMA, where)
-        return cls(doc["chain_id"], doc["layer_digest"], doc["diff_id"], doc.get("parent"))
+        try:
+            return cls(doc["chain_id"], doc["layer_digest"], doc["diff_id"], doc.get("parent"), list(doc.get("images") or []))
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"{where}: malformed chain record ({e})") from None
 
 
 @dataclass

@@ -56,7 +56,96 @@ def register(subparsers) -> None:
         help="FUSE implementation: our kernel-protocol server (default) or fusepy/libfuse2 (for comparison)",
     )
     f.add_argument("--max-readahead", default="128K", help="FUSE readahead the kernel may do per file (default 128K)")
+    f.add_argument("--prefetch-threads", type=int, default=16, help="concurrent fetches of a startup profile (default 16)")
+    f.add_argument(
+        "--fill-rate",
+        default="0",
+        help="after the profile, fetch the rest of each image at this many bytes/s in the background (e.g. 50M; default 0: off)",
+    )
+    f.add_argument(
+        "--learn-seconds",
+        type=float,
+        default=0.0,
+        help="record the first N seconds of reads of every new view as a trace for `liftoff profile --merge` (default 0: off)",
+    )
     f.set_defaults(run=run_fused)
+    register_profile(subparsers)
+
+
+def register_profile(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="record an image's startup profile (the chunks a real start reads) and store it with the image",
+        description="Start IMAGE once lazily while the FUSE daemon records its reads, then store the chunks it read, "
+        "in order, with the image record: every later start prefetches them. With --merge, fold traces of real "
+        "starts (fused --learn-seconds) into the stored profile instead.",
+    )
+    p.add_argument("image", help="registry reference of a converted image")
+    p.epilog = "Put the command to run after --, e.g. -- python3 -c 'import torch' (default: the image's own command)."
+    add_store_options(p)
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
+    p.add_argument("--docker-config", help="docker config file with credentials")
+    p.add_argument("--platform", help="os/arch of a multi-platform image (default: this machine's)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--until-line", metavar="TEXT", help="stop once the start prints a line containing TEXT")
+    stop.add_argument("--seconds", type=float, help="stop after N seconds")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    p.add_argument(
+        "--address",
+        help="containerd socket to use (its liftoff snapshotter must use the same store); "
+        "default: start a private containerd, snapshotter and FUSE daemon",
+    )
+    p.add_argument(
+        "--fused-socket",
+        default="/var/lib/liftoff/snapshotter/remote/fused.sock",
+        help="the FUSE daemon's control socket, with --address",
+    )
+    p.add_argument("--merge", nargs="+", metavar="TRACE", help="fold these trace files into the stored profile")
+    p.add_argument("--show", action="store_true", help="print the stored profile and exit")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.set_defaults(run=run_profile)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from layerstore.catalog import find_image, set_profile
+    from layerstore.errors import LiftoffError
+    from layerstore.stores import StoreChain, open_stores
+    from snapshotter.profile import merge, summarize
+
+    stores = open_stores(args.store, **store_options(args))
+    command = args.passthrough
+    if args.show or args.merge:
+        digest, record = find_image(StoreChain(stores), args.image)
+        profile = getattr(record, "profile", None)
+        if args.merge:
+            from pathlib import Path
+
+            traces = [json.loads(Path(path).read_text()) for path in args.merge]
+            profile = merge(profile, traces)
+            set_profile(stores, digest, profile)
+        if profile is None:
+            raise LiftoffError(f"{args.image} has no startup profile: record one with liftoff profile IMAGE --store URL")
+    else:
+        from snapshotter.record import record_profile
+
+        profile = record_profile(
+            args.image,
+            stores,
+            store_args=_store_argv(args),
+            command=command,
+            until_line=args.until_line,
+            seconds=args.seconds,
+            plain_http=args.plain_http,
+            docker_config=args.docker_config,
+            platform=args.platform,
+            address=args.address,
+            fused_socket=args.fused_socket,
+            timeout=args.timeout,
+        )
+    print(json.dumps(profile) if args.json else f"{args.image}: {summarize(profile)}")
+    return 0
 
 
 def _bytes(text: str) -> int:
@@ -140,6 +229,9 @@ def run_fused(args: argparse.Namespace) -> int:
         _bytes(args.cache_size),
         backend=args.backend,
         max_readahead=_bytes(args.max_readahead),
+        prefetch_threads=args.prefetch_threads,
+        fill_rate=float(_bytes(args.fill_rate)),
+        learn_seconds=args.learn_seconds,
     )
 
 

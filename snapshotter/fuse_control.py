@@ -3,7 +3,10 @@ connection on a unix socket, one JSON reply (`{"ok": true, ...}` or `{"ok": fals
 
 Requests:
     {"op": "ping"}
-    {"op": "mount", "view": ID, "layers": [digest, ...], "layers_below": bool}  -> {"mountpoint": PATH}
+    {"op": "mount", "view": ID, "layers": [digest, ...], "layers_below": bool, "profile": [chunk, ...]?}
+                                                       -> {"mountpoint": PATH}; prefetches the profile
+    {"op": "record", "view": ID, "layers": [...], "layers_below": bool}  start recording the view's reads
+    {"op": "record-stop", "view": ID}                  -> {"trace": {...}} (profile.py)
     {"op": "unmount", "view": ID}
     {"op": "views"}                                    -> {"views": {ID: {...}}}
     {"op": "retain", "layers": [digest, ...]}          -> {"removed": N}  (drop cached chunks of other layers)
@@ -74,6 +77,17 @@ class FusedClient:
         if not reply.get("ok"):
             raise LiftoffError(f"FUSE daemon: {op} failed: {reply.get('error')}")
         return reply
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask the daemon to unmount everything and exit; wait until it stops answering."""
+        import time
+
+        if not self.alive():
+            return
+        self.call("shutdown")
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def alive(self) -> bool:
         try:

@@ -37,6 +37,8 @@ from layerstore.stores import Store
 from snapshotter import fuse_control
 from snapshotter.fuse_server import FuseSession
 from snapshotter.fuse_tree import View
+from snapshotter.prefetch import Prefetcher
+from snapshotter.profile import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class MountedView:
         self.view = view
         self.mountpoint = mountpoint
         self.session: FuseSession | None = None
+        self.fs = None  # the fusepy operations, with the fusepy backend
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -117,6 +120,9 @@ class FuseDaemon:
         backend: str = "kernel",
         max_readahead: int = 128 << 10,
         fetch_threads: int = 32,
+        prefetch_threads: int = 16,
+        fill_rate: float = 0.0,
+        learn_seconds: float = 0.0,
     ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -137,6 +143,10 @@ class FuseDaemon:
         self.backend = backend
         self.max_readahead = max_readahead
         self.fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="fetch")
+        self.prefetcher = Prefetcher(self.fetcher, prefetch_threads, fill_rate)
+        self.learn_seconds = learn_seconds
+        self.traces_dir = self.root / "traces"
+        self.recordings: dict[str, Recorder] = {}
         self._lock = threading.RLock()
         self.stopping = threading.Event()
 
@@ -151,8 +161,12 @@ class FuseDaemon:
             except (LiftoffError, OSError, ValueError, KeyError) as e:
                 log.error("cannot restore view %s: %s", spec_path.stem, e)
 
-    def mount(self, view_id: str, layers: list[str], layers_below: bool) -> Path:
-        """Mount the merged view of `layers` (bottom first) unless it is mounted; returns the mount point."""
+    def mount(self, view_id: str, layers: list[str], layers_below: bool, profile: list[dict] | None = None) -> Path:
+        """Mount the merged view of `layers` (bottom first) unless it is mounted; returns the mount point.
+
+        A fresh mount starts prefetching `profile` (chunk descriptions) in the background, and
+        with --learn-seconds records the first seconds of reads as a trace for `liftoff profile --merge`.
+        """
         if view_id != fuse_control.view_id(layers, layers_below):
             raise LiftoffError(f"view id {view_id} does not match its layers")
         with self._lock:
@@ -176,6 +190,10 @@ class FuseDaemon:
             else:
                 self._mount_fusepy(mounted)
             self.views[view_id] = mounted
+            if profile:
+                self.prefetcher.start(view_id, view, profile)
+            if self.learn_seconds > 0:
+                self._learn(mounted)
             self._write_spec(mounted)
             log.info(
                 "mounted view %s (%d layers, %d inodes) at %s in %.3f s",
@@ -187,11 +205,62 @@ class FuseDaemon:
             )
             return mountpoint
 
+    def _set_recorder(self, mounted: MountedView, recorder: Recorder | None) -> None:
+        hook = recorder.on_read if recorder else None
+        if mounted.session is not None:
+            mounted.session.on_read = hook
+        elif mounted.fs is not None:
+            mounted.fs.on_read = hook
+
+    def record(self, view_id: str, layers: list[str], layers_below: bool) -> None:
+        """Start recording the view's reads (mounting it if needed) until record_stop."""
+        self.mount(view_id, layers, layers_below)
+        with self._lock:
+            mounted = self.views[view_id]
+            recorder = self.recordings[view_id] = Recorder(mounted.view)
+            self._set_recorder(mounted, recorder)
+
+    def record_stop(self, view_id: str) -> dict:
+        """Stop recording; returns the trace."""
+        with self._lock:
+            recorder = self.recordings.pop(view_id, None)
+            if recorder is None:
+                raise LiftoffError(f"view {view_id} is not being recorded")
+            mounted = self.views.get(view_id)
+            if mounted is not None:
+                self._set_recorder(mounted, None)
+        return recorder.trace()
+
+    def _learn(self, mounted: MountedView) -> None:
+        """Record the first --learn-seconds of a fresh mount and keep the trace in traces/."""
+        recorder = Recorder(mounted.view, self.learn_seconds)
+        self._set_recorder(mounted, recorder)
+
+        def save() -> None:
+            time.sleep(self.learn_seconds)
+            self._set_recorder(mounted, None)
+            trace = recorder.trace()
+            if trace["chunks"]:
+                self.traces_dir.mkdir(exist_ok=True)
+                path = self.traces_dir / f"{mounted.id}-{int(time.time())}.json"
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(trace))
+                os.rename(tmp, path)
+                log.info(
+                    "view %s: kept a trace of the first %.0f s (%d chunks) in %s",
+                    mounted.id,
+                    self.learn_seconds,
+                    len(trace["chunks"]),
+                    path,
+                )
+
+        threading.Thread(target=save, name=f"learn-{mounted.id[:8]}", daemon=True).start()
+
     def _mount_fusepy(self, mounted: MountedView) -> None:
         """The libfuse2 path through fusepy (kept to compare against: benchmarks/fuse_micro.py)."""
         from snapshotter.fuse_fs import ViewFS, serve_view
 
-        fs = ViewFS(mounted.view, self.fetcher, mounted.id)
+        fs = mounted.fs = ViewFS(mounted.view, self.fetcher, mounted.id)
 
         def run() -> None:
             try:
@@ -259,6 +328,7 @@ class FuseDaemon:
                 "failures": stats.failures,
                 "retries": stats.retries,
             },
+            "prefetch": dict(self.prefetcher.stats),
         }
 
     def shutdown(self) -> None:
@@ -278,7 +348,13 @@ class FuseDaemon:
         if op == "ping":
             return {}
         if op == "mount":
-            return {"mountpoint": str(self.mount(request["view"], list(request["layers"]), bool(request["layers_below"])))}
+            path = self.mount(request["view"], list(request["layers"]), bool(request["layers_below"]), request.get("profile"))
+            return {"mountpoint": str(path)}
+        if op == "record":
+            self.record(request["view"], list(request["layers"]), bool(request["layers_below"]))
+            return {}
+        if op == "record-stop":
+            return {"trace": self.record_stop(request["view"])}
         if op == "unmount":
             self.unmount(request["view"])
             return {}
@@ -301,11 +377,20 @@ def serve_control(daemon: FuseDaemon, socket_path: Path) -> socketserver.Threadi
         def handle(self) -> None:
             try:
                 request = fuse_control.receive(self.request)
+            except fuse_control.FusedUnavailable:
+                return  # a connect-and-close probe
+            except (OSError, ValueError) as e:
+                log.warning("unreadable control request: %s", e)
+                return
+            try:
                 reply = {"ok": True, **daemon.handle(request)}
             except (LiftoffError, OSError, KeyError, TypeError, ValueError) as e:
-                log.warning("control request failed: %s", e)
+                log.warning("control request %s failed: %s", request.get("op"), e)
                 reply = {"ok": False, "error": str(e)}
-            fuse_control.send(self.request, reply)
+            try:
+                fuse_control.send(self.request, reply)
+            except OSError:
+                pass  # the client went away
 
     if socket_path.exists():
         socket_path.unlink()

@@ -20,15 +20,17 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from layerstore.catalog import load_record
 from layerstore.digests import chain_ids, check_digest
 from layerstore.errors import FormatError, ImageError, LiftoffError, ObjectNotFound, StoreError
 from layerstore.index import decode_index
 from layerstore.layout import chain_key, layer_index_key
-from layerstore.records import ChainRecord
+from layerstore.records import ChainRecord, ImageRecord
 from layerstore.stores import Store, StoreChain
 from snapshotter.errors import AlreadyExists, NotFound
 from snapshotter.fuse_control import FusedClient, view_id
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 REF_LABEL = "containerd.io/snapshot.ref"
 LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
+MANIFEST_LABEL = "containerd.io/snapshot/cri.manifest-digest"
 REMOTE_LAYER_LABEL = "liftoff.remote.layer"  # the OCI layer digest a remote snapshot serves
 REMOTE_CHAIN_LABEL = "liftoff.remote.chain"
 REMOTE_NAME = "liftoff-remote"
@@ -69,19 +72,23 @@ class RemoteLayers:
 
     # -- finding layers -------------------------------------------------------------------
 
+    def chain_record(self, chain_id: str) -> ChainRecord | None:
+        """The store's record of `chain_id`, or None."""
+        try:
+            return ChainRecord.from_json(self.stores.get(chain_key(chain_id)), chain_key(chain_id))
+        except ObjectNotFound:
+            return None
+        except (StoreError, FormatError) as e:
+            log.warning("chain %s: cannot read its record (%s)", chain_id, e)
+            return None
+
     def layer_for(self, chain_id: str, labels: dict[str, str]) -> str | None:
         """The converted layer digest for `chain_id`: from CRI's layer-digest label, else the chain record."""
         digest = labels.get(LAYER_DIGEST_LABEL)
         if digest:
             return digest
-        try:
-            record = ChainRecord.from_json(self.stores.get(chain_key(chain_id)), chain_key(chain_id))
-        except ObjectNotFound:
-            return None
-        except (StoreError, FormatError, KeyError, ImageError) as e:
-            log.warning("chain %s: cannot read its record (%s): pulling it as an ordinary layer", chain_id, e)
-            return None
-        return record.layer_digest
+        record = self.chain_record(chain_id)
+        return record.layer_digest if record else None
 
     def fetch_index(self, digest: str) -> bytes | None:
         """The layer's index (copied to local disk first); None if the layer is not converted."""
@@ -131,7 +138,46 @@ class RemoteLayers:
         size = sum(entry.size for entry in index.entries)
         self._commit_remote(store, request.namespace, name, parent, labels, size, len(index.entries))
         log.info("remote layer %s (chain %s) committed as %r", digest, chain_id, name)
+        self._mount_early(store, parent, digest, chain_id, request.labels.get(MANIFEST_LABEL))
         raise AlreadyExists(f"remote snapshot {name!r} for chain {chain_id} already exists")
+
+    def _mount_early(
+        self, store: SnapshotStore, parent: Snapshot | None, digest: str, chain_id: str, manifest: str | None
+    ) -> None:
+        """If this layer tops a converted image whose layers are all remote, mount its view now and
+        prefetch its startup profile, so both are under way before the container starts."""
+        chain = store.meta.chain(parent.id) if parent is not None else []
+        if not all(is_remote(s) for s in chain):
+            return
+        layers = [s.labels[REMOTE_LAYER_LABEL] for s in reversed(chain)] + [digest]
+        threading.Thread(target=self._prefetch_image, args=(layers, chain_id, manifest), daemon=True).start()
+
+    def _prefetch_image(self, layers: list[str], chain_id: str, manifest: str | None) -> None:
+        try:
+            record = None
+            candidates = [manifest] if manifest else []
+            if not candidates:
+                chain = self.chain_record(chain_id)
+                candidates = chain.images if chain else []
+            for digest in candidates:
+                try:
+                    found = load_record(self.stores, digest)
+                except (ObjectNotFound, StoreError, FormatError):
+                    continue
+                if isinstance(found, ImageRecord) and [layer.digest for layer in found.layers] == layers:
+                    record = found
+                    break
+            if record is None:
+                return  # not the top of a converted image: the view is mounted when a container needs it
+            profile = (record.profile or {}).get("chunks")
+            self.fused.call("mount", view=view_id(layers, False), layers=layers, layers_below=False, profile=profile)
+            log.info(
+                "mounted the view of %s early%s",
+                record.manifest_digest,
+                f", prefetching {len(profile)} profile chunks" if profile else " (no startup profile)",
+            )
+        except LiftoffError as e:
+            log.warning("early mount of chain %s failed (it is mounted on demand): %s", chain_id, e)
 
     @staticmethod
     def _expected_chain(parent: Snapshot | None, diff_id: str) -> str | None:
