@@ -5,6 +5,7 @@ Requests:
     {"op": "ping"}
     {"op": "mount", "view": ID, "layers": [digest, ...], "layers_below": bool, "profile": [chunk, ...]?}
                                                        -> {"mountpoint": PATH}; prefetches the profile
+    {"op": "prefetch", "image": DIGEST, "profile": [chunk, ...]}  start fetching a profile (no view needed)
     {"op": "record", "view": ID, "layers": [...], "layers_below": bool}  start recording the view's reads
     {"op": "record-stop", "view": ID}                  -> {"trace": {...}} (profile.py)
     {"op": "unmount", "view": ID}

@@ -35,6 +35,7 @@ from layerstore.fetch import ChunkFetcher
 from layerstore.index import decode_index
 from layerstore.stores import Store
 from snapshotter import fuse_control
+from snapshotter import fuse_kernel as k
 from snapshotter.fuse_server import FuseSession
 from snapshotter.fuse_tree import View
 from snapshotter.prefetch import Prefetcher
@@ -161,7 +162,9 @@ class FuseDaemon:
             except (LiftoffError, OSError, ValueError, KeyError) as e:
                 log.error("cannot restore view %s: %s", spec_path.stem, e)
 
-    def mount(self, view_id: str, layers: list[str], layers_below: bool, profile: list[dict] | None = None) -> Path:
+    def mount(
+        self, view_id: str, layers: list[str], layers_below: bool, profile: list[dict] | None = None, image: str | None = None
+    ) -> Path:
         """Mount the merged view of `layers` (bottom first) unless it is mounted; returns the mount point.
 
         A fresh mount starts prefetching `profile` (chunk descriptions) in the background, and
@@ -190,8 +193,8 @@ class FuseDaemon:
             else:
                 self._mount_fusepy(mounted)
             self.views[view_id] = mounted
-            if profile:
-                self.prefetcher.start(view_id, view, profile)
+            if profile or self.prefetcher.fill_rate:
+                self.prefetcher.start(view_id, view, profile if self.prefetcher.claim(image) else None)
             if self.learn_seconds > 0:
                 self._learn(mounted)
             self._write_spec(mounted)
@@ -314,7 +317,14 @@ class FuseDaemon:
     def status(self) -> dict:
         stats = self.fetcher.stats
         return {
-            "views": {v.id: {"layers": v.layers, "mountpoint": str(v.mountpoint)} for v in self.views.values()},
+            "views": {
+                v.id: {
+                    "layers": v.layers,
+                    "mountpoint": str(v.mountpoint),
+                    "requests": _named(v.session.requests if v.session else {}),
+                }
+                for v in self.views.values()
+            },
             "cache": {
                 "bytes": self.cache.used,
                 "capacity": self.cache.capacity,
@@ -348,8 +358,18 @@ class FuseDaemon:
         if op == "ping":
             return {}
         if op == "mount":
-            path = self.mount(request["view"], list(request["layers"]), bool(request["layers_below"]), request.get("profile"))
+            path = self.mount(
+                request["view"],
+                list(request["layers"]),
+                bool(request["layers_below"]),
+                request.get("profile"),
+                request.get("image"),
+            )
             return {"mountpoint": str(path)}
+        if op == "prefetch":
+            if self.prefetcher.claim(request.get("image")):
+                self.prefetcher.start(str(request.get("image", "?"))[7:19], None, request["profile"])
+            return {}
         if op == "record":
             self.record(request["view"], list(request["layers"]), bool(request["layers_below"]))
             return {}
@@ -368,6 +388,33 @@ class FuseDaemon:
             self.stopping.set()
             return {}
         raise LiftoffError(f"unknown request {op!r}")
+
+
+_OPCODES = {
+    k.LOOKUP: "lookup",
+    k.GETATTR: "getattr",
+    k.READLINK: "readlink",
+    k.OPEN: "open",
+    k.READ: "read",
+    k.STATFS: "statfs",
+    k.RELEASE: "release",
+    k.GETXATTR: "getxattr",
+    k.LISTXATTR: "listxattr",
+    k.FLUSH: "flush",
+    k.INIT: "init",
+    k.OPENDIR: "opendir",
+    k.READDIR: "readdir",
+    k.RELEASEDIR: "releasedir",
+    k.ACCESS: "access",
+    k.FORGET: "forget",
+    k.BATCH_FORGET: "batch_forget",
+    k.READDIRPLUS: "readdirplus",
+    k.STATX: "statx",
+}
+
+
+def _named(counts: dict[int, int]) -> dict[str, int]:
+    return {_OPCODES.get(op, str(op)): n for op, n in sorted(counts.items())}
 
 
 def serve_control(daemon: FuseDaemon, socket_path: Path) -> socketserver.ThreadingUnixStreamServer:

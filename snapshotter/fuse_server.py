@@ -101,7 +101,7 @@ class FuseSession:
         self.mountpoint: Path | None = None
         self.flags = 0  # what INIT negotiated
         self.initialized = threading.Event()
-        self.requests = 0
+        self.requests: dict[int, int] = {}  # opcode -> count
         self._threads: list[threading.Thread] = []
         self._entries: dict[int, bytes] = {}  # ino -> entry_out (valid for as long as we run)
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}
@@ -187,7 +187,7 @@ class FuseSession:
 
     def _dispatch(self, data: bytes) -> None:
         length, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = k.IN_HEADER.unpack_from(data)
-        self.requests += 1
+        self.requests[opcode] = self.requests.get(opcode, 0) + 1
         if opcode in (k.FORGET, k.BATCH_FORGET, k.INTERRUPT):
             return  # nodes live as long as the view; interrupted requests just finish
         handler = self._handlers.get(opcode)

@@ -30,22 +30,34 @@ class Prefetcher:
         self.fill_rate = fill_rate  # bytes/s of the background fill; 0: off
         self.stats = {"profile_chunks": 0, "profile_seconds": 0.0, "fill_chunks": 0}
         self._stop = threading.Event()
+        self._claimed: set[str] = set()
+        self._lock = threading.Lock()
 
-    def start(self, label: str, view: View, profile: list[dict] | None) -> None:
-        """Prefetch `profile` (then fill the view's layers, if configured) in the background."""
+    def claim(self, image: str | None) -> bool:
+        """True once per image: whether the caller should start that image's profile (False if already begun)."""
+        if not image:
+            return True
+        with self._lock:
+            if image in self._claimed:
+                return False
+            self._claimed.add(image)
+            return True
+
+    def start(self, label: str, view: View | None, profile: list[dict] | None) -> None:
+        """Prefetch `profile` (then fill the view's layers, if configured and a view is given) in the background."""
         threading.Thread(target=self._run, args=(label, view, profile or []), name=f"prefetch-{label[:8]}", daemon=True).start()
 
-    def _run(self, label: str, view: View, profile: list[dict]) -> None:
+    def _run(self, label: str, view: View | None, profile: list[dict]) -> None:
         started = time.monotonic()
         futures = [self.pool.submit(self._one, bytes.fromhex(c["sha256"]), c["size"], c.get("layer", "")) for c in profile]
         wait(futures)
         failed = sum(1 for f in futures if f.exception() is not None)
         seconds = time.monotonic() - started
-        self.stats["profile_chunks"] += len(profile) - failed
-        self.stats["profile_seconds"] = seconds
         if profile:
+            self.stats["profile_chunks"] += len(profile) - failed
+            self.stats["profile_seconds"] = seconds
             log.info("view %s: prefetched %d profile chunks in %.2f s (%d failed)", label, len(profile) - failed, seconds, failed)
-        if self.fill_rate > 0 and not self._stop.is_set():
+        if view is not None and self.fill_rate > 0 and not self._stop.is_set():
             self._fill(label, view)
 
     def _one(self, sha256: bytes, size: int, layer: str) -> None:

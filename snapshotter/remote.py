@@ -138,7 +138,10 @@ class RemoteLayers:
         size = sum(entry.size for entry in index.entries)
         self._commit_remote(store, request.namespace, name, parent, labels, size, len(index.entries))
         log.info("remote layer %s (chain %s) committed as %r", digest, chain_id, name)
-        self._mount_early(store, parent, digest, chain_id, request.labels.get(MANIFEST_LABEL))
+        manifest = request.labels.get(MANIFEST_LABEL)
+        if parent is None and manifest:  # the first layer of a pull that names its image: start on its profile now
+            threading.Thread(target=self._prefetch_profile, args=(manifest,), daemon=True).start()
+        self._mount_early(store, parent, digest, chain_id, manifest)
         raise AlreadyExists(f"remote snapshot {name!r} for chain {chain_id} already exists")
 
     def _mount_early(
@@ -151,6 +154,17 @@ class RemoteLayers:
             return
         layers = [s.labels[REMOTE_LAYER_LABEL] for s in reversed(chain)] + [digest]
         threading.Thread(target=self._prefetch_image, args=(layers, chain_id, manifest), daemon=True).start()
+
+    def _prefetch_profile(self, manifest: str) -> None:
+        """Start fetching the image's startup profile into the cache while the pull goes on."""
+        try:
+            record = load_record(self.stores, manifest)
+            profile = (record.profile or {}).get("chunks") if isinstance(record, ImageRecord) else None
+            if profile:
+                self.fused.call("prefetch", image=manifest, profile=profile)
+                log.info("prefetching the %d-chunk startup profile of %s", len(profile), manifest)
+        except (LiftoffError, ObjectNotFound) as e:
+            log.info("no early prefetch for %s: %s", manifest, e)
 
     def _prefetch_image(self, layers: list[str], chain_id: str, manifest: str | None) -> None:
         try:
@@ -170,7 +184,14 @@ class RemoteLayers:
             if record is None:
                 return  # not the top of a converted image: the view is mounted when a container needs it
             profile = (record.profile or {}).get("chunks")
-            self.fused.call("mount", view=view_id(layers, False), layers=layers, layers_below=False, profile=profile)
+            self.fused.call(
+                "mount",
+                view=view_id(layers, False),
+                layers=layers,
+                layers_below=False,
+                profile=profile,
+                image=record.manifest_digest,
+            )
             log.info(
                 "mounted the view of %s early%s",
                 record.manifest_digest,

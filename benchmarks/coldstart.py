@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Cold start: containerd's own overlayfs pull + run against liftoff's lazy pull + run, side by side.
+
+    scripts/bench coldstart [--runs 3] [--images torch,python] [--settings unshaped,shaped]
+
+Images (benchmarks/build_images.py): `torch` (python3 + numpy + torch 2.13 CPU, ~350 MB gzip)
+running `python3 -c "import torch; print(torch.__version__)"`, and `python` (python3 only).
+The registry (Debian's docker-registry) and the store (a file:// store directory served by
+Debian's nginx with path-style S3 URLs; moto re-reads whole objects per range) each sit
+behind the same userspace shaping proxy (benchmarks/shaping_proxy.py), unshaped or with
+20 ms per request + 100 MB/s per connection + 1 GB/s total. Per run, from fresh state
+(containerd's content and snapshots, liftoff's cache and views all new; page cache dropped):
+
+  (a) overlayfs: ctr image pull, then ctr run
+  (b) liftoff without a profile: liftoff pull, then ctr run --snapshotter liftoff
+  (c) liftoff with the image's startup profile (recorded once beforehand)
+  (d) warm: the same run again right after (a) and (c)
+
+Reported: medians (min-max) of pull, run and pull+run seconds, bytes from the registry and the
+store, and the ratios (a)/(c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from benchmarks.benchlib import load_average, machine, table
+from benchmarks.build_images import ensure_images
+from benchmarks.shaping_proxy import SHAPED, UNSHAPED, Shaping, ShapingProxy
+from benchmarks.weights import start_nginx
+from layerstore.localservices import push_layout, start_containerd, start_fused, start_registry, start_snapshotter
+
+WORK = Path("/var/tmp/liftoff-bench/coldstart")
+LIFTOFF = [sys.executable, "-m", "layerstore.cli"]
+COMMANDS = {
+    "torch": ["python3", "-c", "import torch; print(torch.__version__)"],
+    "python": ["python3", "-c", "import sys, json, ssl; print(sys.version.split()[0])"],
+}
+BUCKET = "liftoff-bench"
+AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+def liftoff(*args: str) -> str:
+    done = subprocess.run([*LIFTOFF, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"liftoff {' '.join(args[:2])} failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+@dataclass
+class Sample:
+    pull: float
+    run: float
+    warm: float
+    registry_bytes: int
+    store_bytes: int
+
+    @property
+    def total(self) -> float:
+        return self.pull + self.run
+
+
+@dataclass
+class Results:
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+    def add(self, key: str, sample: Sample) -> None:
+        self.samples.setdefault(key, []).append(sample)
+
+
+def measure_overlayfs(ref: str, command: list[str], workdir: Path, registry_proxy: ShapingProxy) -> Sample:
+    containerd = start_containerd(workdir / "containerd")
+    try:
+        drop_caches()
+        before = registry_proxy.stats.bytes_down
+        started = time.monotonic()
+        containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
+        pull = time.monotonic() - started
+        started = time.monotonic()
+        containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, "bench-cold", *command)
+        run = time.monotonic() - started
+        registry_bytes = registry_proxy.stats.bytes_down - before
+        started = time.monotonic()
+        containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, "bench-warm", *command)
+        warm = time.monotonic() - started
+        return Sample(pull, run, warm, registry_bytes, 0)
+    finally:
+        containerd.stop()
+
+
+def measure_liftoff(
+    ref: str, command: list[str], workdir: Path, store: str, registry_proxy: ShapingProxy, store_proxy: ShapingProxy
+) -> Sample:
+    socket = workdir / "run" / "snapshotter.sock"
+    fused = start_fused(workdir / "root" / "remote", ["--store", store], workdir=workdir)
+    snapshotter = containerd = None
+    try:
+        snapshotter = start_snapshotter(
+            workdir / "root", socket, workdir=workdir, log_level="info", extra_args=["--store", store, "--no-start-fused"]
+        )
+        containerd = start_containerd(workdir / "containerd", socket)
+        drop_caches()
+        registry_before, store_before = registry_proxy.stats.bytes_down, store_proxy.stats.bytes_down
+        started = time.monotonic()
+        liftoff("pull", ref, "--address", containerd.address, "--plain-http", "--snapshotter", "liftoff")
+        pull = time.monotonic() - started
+        started = time.monotonic()
+        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-cold", *command)
+        run = time.monotonic() - started
+        registry_bytes = registry_proxy.stats.bytes_down - registry_before
+        store_bytes = store_proxy.stats.bytes_down - store_before
+        started = time.monotonic()
+        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-warm", *command)
+        warm = time.monotonic() - started
+        return Sample(pull, run, warm, registry_bytes, store_bytes)
+    finally:
+        if containerd:
+            containerd.stop()
+        if snapshotter:
+            snapshotter.stop()
+        fused.stop()
+
+
+def prepare(layout: Path, images: list[str], registry, root: Path) -> dict[str, dict]:
+    """Push the images, convert them into two store prefixes (with and without a profile), record profiles."""
+    info = {}
+    for name in images:
+        ref = push_layout(layout, name, registry.host, f"bench/{name}")
+        for prefix in ("plain", "profiled"):
+            liftoff("convert", ref, "--plain-http", "--store", f"file://{root / BUCKET / prefix}")
+        liftoff("profile", ref, "--plain-http", "--store", f"file://{root / BUCKET / 'profiled'}", "--", *COMMANDS[name])
+        summary = json.loads(liftoff("inspect", ref, "--store", f"file://{root / BUCKET / 'plain'}", "--json"))
+        info[name] = {
+            "repository": f"bench/{name}",
+            "stored_bytes": summary["images"][0]["stored_bytes"],
+            "tar_bytes": summary["images"][0]["tar_bytes"],
+        }
+    return info
+
+
+def layer_bytes(layout: Path, tag: str) -> int:
+    index = json.loads((layout / "index.json").read_text())
+    digest = next(m["digest"] for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+    manifest = json.loads((layout / "blobs" / "sha256" / digest.split(":")[1]).read_text())
+    return sum(layer["size"] for layer in manifest["layers"])
+
+
+def median_text(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--images", default="torch,python")
+    parser.add_argument("--settings", default="unshaped,shaped")
+    parser.add_argument("--out", type=Path, default=WORK.parent / "coldstart.json")
+    args = parser.parse_args()
+    images = args.images.split(",")
+    settings = {"unshaped": UNSHAPED, "shaped": SHAPED}
+    layout = ensure_images()
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    os.environ.update(AWS)
+    registry = start_registry(WORK / "registry")
+    store_root = WORK / "store"
+    nginx = start_nginx(store_root)
+    report: dict = {"date": date.today().isoformat(), "machine": machine(), "runs": args.runs, "results": {}}
+    try:
+        info = prepare(layout, images, registry, store_root)
+        for setting in args.settings.split(","):
+            shaping: Shaping = settings[setting]
+            with (
+                ShapingProxy(("127.0.0.1", int(registry.host.split(":")[1])), shaping) as registry_proxy,
+                ShapingProxy(("127.0.0.1", nginx.port), shaping) as store_proxy,
+            ):
+                endpoint = f"http://127.0.0.1:{store_proxy.port}"
+                for name in images:
+                    ref = f"127.0.0.1:{registry_proxy.port}/{info[name]['repository']}:{name}"
+                    results = Results()
+                    for run in range(args.runs):
+                        base = WORK / f"{setting}-{name}-{run}"
+                        results.add("a", measure_overlayfs(ref, COMMANDS[name], base / "overlayfs", registry_proxy))
+                        for key, prefix in (("b", "plain"), ("c", "profiled")):
+                            store = f"s3://{BUCKET}/{prefix}?endpoint_url={endpoint}&path_style=true"
+                            results.add(key, measure_liftoff(ref, COMMANDS[name], base / key, store, registry_proxy, store_proxy))
+                        shutil.rmtree(base, ignore_errors=True)
+                    report["results"][f"{setting}/{name}"] = {k: [s.__dict__ for s in v] for k, v in results.samples.items()}
+                    print_table(setting, name, results, layer_bytes(layout, name), info[name])
+    finally:
+        nginx.stop()
+        registry.stop()
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"machine: {machine()}; load average {load_average():.1f}; results in {args.out}")
+
+
+def print_table(setting: str, name: str, results: Results, compressed: int, info: dict) -> None:
+    labels = {"a": "(a) overlayfs pull+run", "b": "(b) liftoff, no profile", "c": "(c) liftoff + profile"}
+    rows = []
+    for key in ("a", "b", "c"):
+        samples = results.samples[key]
+        fetched = statistics.median(s.registry_bytes + s.store_bytes for s in samples)
+        rows.append(
+            [
+                labels[key],
+                median_text([s.pull for s in samples]),
+                median_text([s.run for s in samples]),
+                median_text([s.total for s in samples]),
+                median_text([s.warm for s in samples]),
+                f"{fetched / 1e6:.1f} MB ({fetched / compressed:.0%})",
+            ]
+        )
+    a, c = results.samples["a"], results.samples["c"]
+
+    def ratio(f) -> float:
+        return statistics.median(f(s) for s in a) / statistics.median(f(s) for s in c)
+
+    print(
+        f"\n{name} image, {setting}: {compressed / 1e6:.0f} MB compressed (registry), "
+        f"{info['stored_bytes'] / 1e6:.0f} MB in the store, {info['tar_bytes'] / 1e6:.0f} MB unpacked"
+    )
+    print(table(["", "pull s", "run s", "pull+run s", "warm run s", "fetched (of the compressed image)"], rows))
+    warm_a = statistics.median(s.warm for s in a)
+    print(
+        f"ratios (a)/(c): pull {ratio(lambda s: s.pull):.1f}x, pull+first run {ratio(lambda s: s.total):.1f}x; "
+        f"warm run liftoff/overlayfs {statistics.median(s.warm for s in c) / warm_a:.2f}x; "
+        f"first run liftoff(c)/overlayfs warm run {statistics.median(s.run for s in c) / warm_a:.2f}x",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
