@@ -93,6 +93,7 @@ class Checkpoint:
         self.options = options
         self.manifest = manifest
         self._pool = ThreadPoolExecutor(options.concurrency, thread_name_prefix="weightstream")
+        self.last_stats: StreamStats | None = None  # of the last load()
 
     # -- what is in it --------------------------------------------------------------------------------
     @property

@@ -84,7 +84,7 @@ class CudaSink:
                 item.buffer = torch.empty(item.nbytes, dtype=torch.uint8, device=self.device)
                 item.buffer.record_stream(self.stream)  # written on the side stream: keep the allocator from reusing it early
 
-    def can_start(self, task: RangeTask) -> bool:
+    def can_start(self, task: RangeTask, head: Item | None = None) -> bool:
         self.ring.poll()
         return self.ring.free > 0
 

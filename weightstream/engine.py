@@ -34,7 +34,7 @@ class Reader(Protocol):
 
 
 class Sink(Protocol):
-    def can_start(self, task: RangeTask) -> bool: ...
+    def can_start(self, task: RangeTask, head: Item | None = None) -> bool: ...
     def start(self, task: RangeTask) -> None: ...
     def prepare(self, task: RangeTask) -> None: ...
     def complete(self, task: RangeTask) -> None: ...
@@ -84,6 +84,7 @@ class _FileHash:
                 self.sha.update(view)
             self.cursor = done.end
             sink.finished(done)
+            done.targets = []  # the views pin the tensors' memory: drop them once hashed
         self.check()
 
     def check(self) -> None:
@@ -155,6 +156,7 @@ class Engine:
             file_hash.feed(task, self.sink)
         else:
             self.sink.finished(task)
+            task.targets = []  # the views pin the tensors' memory: the consumer decides when it goes
 
     def __iter__(self) -> Iterator[tuple[Item, torch.Tensor]]:
         started = time.perf_counter()
@@ -164,7 +166,8 @@ class Engine:
         retries_before = getattr(self.reader, "retries", 0)
         try:
             while position < len(self.items):
-                while pending and len(inflight) < self.concurrency and self.sink.can_start(pending[0]):
+                head = self.items[position]
+                while pending and len(inflight) < self.concurrency and self.sink.can_start(pending[0], head):
                     task = pending.popleft()
                     self.sink.start(task)
                     future = self.pool.submit(self._read, task)

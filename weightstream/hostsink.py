@@ -48,12 +48,11 @@ class HostSink:
         self._local = threading.local()
 
     # -- main thread ---------------------------------------------------------------------------------
-    def can_start(self, task: RangeTask) -> bool:
-        """Within the budget, or needed to complete a tensor already under way (else a range holding the
-        tail of one big tensor and the head of the next could never start): peak is about pool + one tensor."""
-        items = task.items()
-        need = sum(i.nbytes for i in items if i.index not in self._reserved and i.dest is None)
-        return self.budget.fits(need) or any(i.index in self._reserved for i in items)
+    def can_start(self, task: RangeTask, head: Item | None = None) -> bool:
+        """Within the budget, or carrying bytes of `head`, the next tensor to hand out (else a range holding the
+        tail of one big tensor and the start of the next could wait forever): peak is about pool + two tensors."""
+        need = sum(i.nbytes for i in task.items() if i.index not in self._reserved and i.dest is None)
+        return self.budget.fits(need) or (head is not None and any(i is head for i in task.items()))
 
     def start(self, task: RangeTask) -> None:
         for item in task.items():

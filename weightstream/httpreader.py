@@ -264,6 +264,14 @@ class HttpRangeReader:
             first = start + progress[0]
             key, response = self._get(obj, first, start + total - 1, refresh, abort)
             self._check_status(obj, key, response, first, start + total - 1)
+            if response.status == 206:
+                end = int(_CONTENT_RANGE.fullmatch(response.getheader("Content-Range").strip()).group(2))
+                if end != start + total - 1:
+                    self._drop(*key)
+                    raise FetchError(
+                        f"{obj.name}: asked for bytes {first}-{start + total - 1}, the object ends at byte {end}: "
+                        "it is shorter than its header says, or changed during the load"
+                    )
             self._fill(key, response, targets, progress, total, abort)
             if response.status == 200 or not response.isclosed():
                 self._drop(*key)  # a whole-object answer or an over-long body: the connection is not reusable

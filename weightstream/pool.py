@@ -10,7 +10,7 @@ class ByteBudget:
     """At most `limit` bytes held ahead of the consumer (None: unlimited, as in load() where the result is the memory).
 
     One allocation larger than the whole budget is let through when nothing else is held, so
-    a tensor bigger than the pool still loads (peak: that tensor alone).
+    a tensor bigger than the pool still loads (peak: that tensor alone); asking for nothing always fits.
     """
 
     def __init__(self, limit: int | None) -> None:
@@ -19,7 +19,7 @@ class ByteBudget:
         self.peak = 0
 
     def fits(self, nbytes: int) -> bool:
-        return self.limit is None or self.used == 0 or self.used + nbytes <= self.limit
+        return nbytes == 0 or self.limit is None or self.used == 0 or self.used + nbytes <= self.limit
 
     def take(self, nbytes: int) -> None:
         self.used += nbytes

@@ -6,9 +6,11 @@ import json
 import struct
 
 import pytest
+import torch
 
 import weightstream
-from weightstream.errors import CheckpointFormatError
+from tests.weightstream.conftest import random_tensor, write_checkpoint
+from weightstream.errors import CheckpointFormatError, FetchError
 from weightstream.format import MAX_HEADER_BYTES, parse_header
 
 FILE = "s3://bucket/m/model.safetensors"
@@ -116,3 +118,14 @@ def test_truncated_shard_and_broken_index_are_refused(tmp_path, s3_prefix):
     )
     with pytest.raises(CheckpointFormatError, match="tensor 'a' is in both"):
         weightstream.open(s3_prefix.url())
+
+
+def test_object_replaced_by_a_shorter_one_after_open_fails_clearly(tmp_path, s3_prefix):
+    generator = torch.Generator().manual_seed(70)
+    write_checkpoint(tmp_path, {f"w{i}": random_tensor((100, 1000), torch.float32, generator) for i in range(4)})
+    data = (tmp_path / "model.safetensors").read_bytes()
+    s3_prefix.put_bytes("model.safetensors", data)
+    with weightstream.open(s3_prefix.url(), range_size=256 * 1024, max_retries=1, backoff_base=0.01) as checkpoint:
+        s3_prefix.put_bytes("model.safetensors", data[: len(data) // 2])  # replaced while the replica starts
+        with pytest.raises(FetchError, match="shorter than its header says"):
+            checkpoint.load()
