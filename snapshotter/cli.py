@@ -102,6 +102,9 @@ def register_profile(subparsers) -> None:
     )
     p.add_argument("--merge", nargs="+", metavar="TRACE", help="fold these trace files into the stored profile")
     p.add_argument("--show", action="store_true", help="print the stored profile and exit")
+    p.add_argument(
+        "--no-relayout", action="store_true", help="keep the chunk layout (the profile lists the original chunks the start read)"
+    )
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.set_defaults(run=run_profile)
 

@@ -43,6 +43,7 @@ class Node:
         "mode",
         "mtime_ns",
         "nlink",
+        "origin",
         "rdev",
         "size",
         "starts",
@@ -64,6 +65,7 @@ class Node:
         self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
         self.layer = -1  # which layer's chunk table the extents index
         self.extents: Sequence[pb.Extent] = ()
+        self.origin = b""  # path of the layer entry that owns the extents (hardlinks share it)
         self.starts: list[int] | None = None  # file offset of each extent, built on first read
 
     @property
@@ -78,6 +80,7 @@ def _node(entry: pb.Entry, layer: int) -> Node:
         node.size = entry.size
         node.layer = layer
         node.extents = entry.extents
+        node.origin = entry.path
     elif entry.type == pb.ENTRY_TYPE_SYMLINK:
         node.mode = stat.S_IFLNK | 0o777  # Linux ignores a symlink's mode: lstat always says 0777
         node.link = entry.link_target

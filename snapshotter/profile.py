@@ -34,6 +34,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._chunks: dict[bytes, dict] = {}  # insertion order = first access
         self._files: dict[int, None] = {}
+        self._ranges: dict[int, list[tuple[int, int]]] = {}  # ino -> byte ranges read, in order
 
     @property
     def active(self) -> bool:
@@ -47,6 +48,7 @@ class Recorder:
         layer = self.view.layers[node.layer].layer_digest if node.layer >= 0 else ""
         with self._lock:
             self._files.setdefault(node.ino, None)
+            self._ranges.setdefault(node.ino, []).append((offset, min(offset + size, node.size)))
             for chunk, _, _ in pieces:
                 if chunk.sha256 not in self._chunks:
                     self._chunks[chunk.sha256] = {
@@ -62,14 +64,40 @@ class Recorder:
         with self._lock:
             chunks = list(self._chunks.values())
             files = [paths.get(ino, "?") for ino in self._files]
+            ranges = []
+            for ino, spans in self._ranges.items():
+                node = self.view.node(ino)
+                if node is None or node.layer < 0:
+                    continue
+                ranges.append(
+                    {
+                        "layer": self.view.layers[node.layer].layer_digest,
+                        "path": node.origin.hex(),
+                        "ranges": merge_ranges(spans),
+                    }
+                )
         return {
             "version": PROFILE_VERSION,
             "recorded_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "seconds": round(time.monotonic() - self.started, 3),
             "chunks": chunks,
             "files": files,
+            "ranges": ranges,  # per file (layer, hex path): the byte ranges read, for relayout
             "layers": [index.layer_digest for index in self.view.layers],
         }
+
+
+def merge_ranges(spans: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Sorted, non-overlapping [start, end) ranges covering `spans`."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
 
 
 def _paths(view: View, wanted: set[int]) -> dict[int, str]:

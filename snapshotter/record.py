@@ -1,6 +1,9 @@
 """`liftoff profile`: record which chunks a real start of an image reads, and store that
 startup profile with the image record, so every later start prefetches exactly that.
 
+By default the layer indexes are then rewritten around the byte ranges the start read
+(converter/relayout.py), so the profile's chunks hold little but what a start needs.
+
 The image is started once, lazily, through the liftoff snapshotter, while the FUSE daemon
 records its view's reads (the kernel's caches dropped first). The start ends when the
 command exits, when it prints a given line (a server that is ready), or after N seconds.
@@ -138,6 +141,7 @@ def record_profile(
     address: str | None = None,
     fused_socket: str = DEFAULT_FUSED_SOCKET,
     timeout: float = 600.0,
+    relayout: bool = True,
 ) -> dict:
     """Record and store the startup profile of `image` (converted already); returns it."""
     if os.geteuid() != 0:
@@ -182,6 +186,13 @@ def record_profile(
             trace = fused.call("record-stop", view=view)["trace"]
         trace.update(command=list(command or []), ended=ended, seconds=round(time.monotonic() - started, 3), starts=1)
         del output
+        if relayout and trace.get("ranges"):
+            from converter.relayout import relayout_image
+
+            read_chunks = len(trace["chunks"])
+            trace["chunks"] = relayout_image(stores, record, trace)
+            trace["layout"] = "relayout"
+            log.info("relayout: the start read %d original chunks; it now needs %d hot chunks", read_chunks, len(trace["chunks"]))
         set_profile(stores, digest, trace)
         if workdir is None:  # a shared containerd: leave nothing behind
             subprocess.run(["ctr", "--address", address, "--namespace", NAMESPACE, "image", "rm", image], capture_output=True)

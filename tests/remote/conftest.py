@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from layerstore.localservices import Containerd, Service, push_layout, start_containerd, start_snapshotter
+from layerstore.localservices import Containerd, Service, push_layout, start_containerd, start_fused, start_snapshotter
 from layerstore.oci.builder import LayoutWriter
 from snapshotter.fuse_control import FusedClient
 from tests.conftest import ROOT
@@ -118,9 +118,13 @@ def stop_fused(client: FusedClient, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def start_stack(workdir: Path, store_url: str, *extra: str, cri: bool = False) -> Stack:
-    """A snapshotter with remote layers from `store_url` (it starts its FUSE daemon), then containerd."""
+def start_stack(workdir: Path, store_url: str, *extra: str, cri: bool = False, fused_args: list[str] | None = None) -> Stack:
+    """A snapshotter with remote layers from `store_url` (it starts its FUSE daemon, unless `fused_args`
+    are given: then the daemon is started first with them, as its systemd unit would), then containerd."""
     socket = workdir / "run" / "snapshotter.sock"
+    if fused_args is not None:
+        start_fused(workdir / "root" / "remote", ["--store", store_url, *fused_args], workdir=workdir)
+        extra = (*extra, "--no-start-fused")
     snap = start_snapshotter(workdir / "root", socket, workdir=workdir, extra_args=["--store", store_url, *extra])
     ctd = start_containerd(workdir / "containerd", socket, cri=cri)
     return Stack(workdir, store_url, snap, ctd)
