@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     )
     f.add_argument("--max-readahead", default="128K", help="FUSE readahead the kernel may do per file (default 128K)")
     f.add_argument("--prefetch-threads", type=int, default=16, help="concurrent fetches of a startup profile (default 16)")
+    f.add_argument("--fetch-retry-seconds", type=float, default=30.0,
+                   help="how long a read keeps retrying a store that fails (unreachable, corrupt data) before EIO")
     f.add_argument(
         "--fill-rate",
         default="0",
@@ -235,6 +237,7 @@ def run_fused(args: argparse.Namespace) -> int:
         prefetch_threads=args.prefetch_threads,
         fill_rate=float(_bytes(args.fill_rate)),
         learn_seconds=args.learn_seconds,
+        fetch_retry_seconds=args.fetch_retry_seconds,
     )
 
 

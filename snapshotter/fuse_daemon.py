@@ -124,6 +124,7 @@ class FuseDaemon:
         prefetch_threads: int = 16,
         fill_rate: float = 0.0,
         learn_seconds: float = 0.0,
+        fetch_retry_seconds: float = 30.0,
     ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,7 @@ class FuseDaemon:
         self.mnt = self.root / "mnt"
         self.mnt.mkdir(exist_ok=True)
         self.cache = ChunkCache(self.root / "cache", cache_bytes)
-        self.fetcher = ChunkFetcher(stores, self.cache)
+        self.fetcher = ChunkFetcher(stores, self.cache, retry_seconds=fetch_retry_seconds)
         self.stores = stores
         self.views: dict[str, MountedView] = {}
         self.backend = backend
