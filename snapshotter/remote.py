@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from layerstore.catalog import load_record
@@ -90,21 +91,21 @@ class RemoteLayers:
         record = self.chain_record(chain_id)
         return record.layer_digest if record else None
 
-    def fetch_index(self, digest: str) -> bytes | None:
-        """The layer's index (copied to local disk first); None if the layer is not converted."""
-        if self.indexes.has(digest):
-            return self.indexes.path(digest).read_bytes()
+    def fetch_index(self, digest: str):
+        """The layer's parsed index (copied to local disk first); None if the layer is not converted."""
         key = layer_index_key(digest)
         try:
+            if self.indexes.has(digest):
+                return decode_index(self.indexes.path(digest).read_bytes(), str(self.indexes.path(digest)))
             data = self.stores.get(key)
-            decode_index(data, key)
+            index = decode_index(data, key)
         except ObjectNotFound:
             return None
         except (StoreError, FormatError) as e:
             log.warning("layer %s: %s: pulling it as an ordinary layer", digest, e)
             return None
         self.indexes.put(digest, data)
-        return data
+        return index
 
     # -- the handshake --------------------------------------------------------------------
 
@@ -120,11 +121,10 @@ class RemoteLayers:
         digest = self.layer_for(chain_id, request.labels)
         if digest is None:
             return None
-        data = self.fetch_index(digest)
-        if data is None:
+        index = self.fetch_index(digest)
+        if index is None:
             log.info("layer %s (chain %s) is not converted: ordinary pull", digest, chain_id)
             return None
-        index = decode_index(data, digest)
         parent = store.meta.get(request.namespace, request.parent) if request.parent else None
         if request.parent and parent is None:
             raise NotFound(f"parent snapshot {request.parent!r} does not exist")
@@ -156,9 +156,14 @@ class RemoteLayers:
         threading.Thread(target=self._prefetch_image, args=(layers, chain_id, manifest), daemon=True).start()
 
     def _prefetch_profile(self, manifest: str) -> None:
-        """Start fetching the image's startup profile into the cache while the pull goes on."""
+        """Start fetching the image's startup profile into the cache while the pull goes on, and
+        copy the indexes of its other layers, so their handshakes need no store round trip."""
         try:
             record = load_record(self.stores, manifest)
+            if isinstance(record, ImageRecord):
+                missing = [layer.digest for layer in record.layers if not self.indexes.has(layer.digest)]
+                with ThreadPoolExecutor(max(1, min(8, len(missing)))) as pool:
+                    list(pool.map(self.fetch_index, missing))
             profile = (record.profile or {}).get("chunks") if isinstance(record, ImageRecord) else None
             if profile:
                 self.fused.call("prefetch", image=manifest, profile=profile)
