@@ -305,6 +305,53 @@ def child_raw(endpoint: str, info: dict, layout: str, concurrency: int, range_si
     return total[0]
 
 
+def child_raw_fresh(endpoint: str, info: dict, layout: str, concurrency: int, range_size: int, directory: Path) -> int:
+    """Like child_raw, but every range lands in newly mapped, prefaulted memory that is kept (what a load must do)."""
+    import http.client
+    import mmap
+    import threading
+    from urllib.parse import urlsplit
+
+    store = directory / "store" / BUCKET
+    work = []
+    for key in _keys(info, layout):
+        size = (store / key).stat().st_size
+        work += [(key, start, min(size, start + range_size)) for start in range(0, size, range_size)]
+    lock = threading.Lock()
+    kept: list[mmap.mmap] = []
+    netloc = urlsplit(endpoint).netloc
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(netloc, timeout=120)
+        while True:
+            with lock:
+                if not work:
+                    break
+                key, start, end = work.pop(0)
+            buf = mmap.mmap(-1, end - start, flags=flags)
+            view = memoryview(buf)
+            conn.request("GET", f"/{BUCKET}/{key}", headers={"Range": f"bytes={start}-{end - 1}"})
+            response = conn.getresponse()
+            got = 0
+            while got < end - start:
+                n = response.readinto(view[got:])
+                if not n:
+                    raise SystemExit(f"short read on {key}")
+                got += n
+            view.release()
+            with lock:
+                kept.append(buf)
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(len(b) for b in kept)
+
+
 def _touch(tensor) -> int:
     """Read one byte per 4 KiB page: the least a consumer does (a lazily mapped file pays its page faults here)."""
     import torch
@@ -338,8 +385,9 @@ def run_child(args: argparse.Namespace) -> None:
         nbytes = child_runai(args.endpoint, info, args.layout, args.child == "runai-tuned")
     elif args.child in ("liftoff", "liftoff-stream"):
         nbytes = child_liftoff(args.endpoint, info, args.layout, args.child == "liftoff-stream", tunables)
-    elif args.child == "raw":
-        nbytes = child_raw(
+    elif args.child in ("raw", "raw-fresh"):
+        run = child_raw if args.child == "raw" else child_raw_fresh
+        nbytes = run(
             args.endpoint, info, args.layout, tunables.get("concurrency", 16), tunables.get("range_size", 16 * MiB), args.dir
         )
     else:
@@ -400,7 +448,7 @@ def gpu_report(directory: Path) -> list[str]:
 
 
 # -- the run -------------------------------------------------------------------------------------------------
-METHODS = ["boto3", "runai", "runai-tuned", "liftoff", "liftoff-stream", "raw"]
+METHODS = ["boto3", "runai", "runai-tuned", "liftoff", "liftoff-stream", "raw", "raw-fresh"]
 LABELS = {
     "boto3": "(a) boto3 download_file + load_file",
     "runai": "(b) Run:ai streamer, defaults",
@@ -408,6 +456,7 @@ LABELS = {
     "liftoff": "(c) liftoff weightstream.load",
     "liftoff-stream": "(c) liftoff streaming (bounded memory)",
     "raw": "(d) raw parallel GETs (limit)",
+    "raw-fresh": "(d') raw GETs into fresh memory",
 }
 
 
@@ -453,7 +502,7 @@ def run_main(args: argparse.Namespace, nginx: Nginx, info: dict) -> None:
         for layout in args.layouts:
             results: dict[str, dict] = {}
             for method in args.methods:
-                tunables = {"concurrency": 16, "range_size": 16 * MiB} if method == "raw" else None
+                tunables = {"concurrency": 16, "range_size": 16 * MiB} if method.startswith("raw") else None
                 runs = [measure(method, endpoint, layout, args.dir, tunables) for _ in range(args.repeat)]
                 best = sorted(runs, key=lambda r: r["gbps"])[len(runs) // 2]  # the median run
                 results[method] = best
@@ -479,7 +528,7 @@ def run_main(args: argparse.Namespace, nginx: Nginx, info: dict) -> None:
         if mine and method != "liftoff":
             ratio = (
                 f"{mine['gbps'] / result['gbps']:.2f}x"
-                if method != "raw"
+                if not method.startswith("raw")
                 else f"liftoff = {mine['gbps'] / result['gbps']:.0%} of it"
             )
         print(

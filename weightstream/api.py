@@ -56,14 +56,17 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 class TensorStream:
-    """One pass over (name, tensor) pairs, in file order; `stats` is filled in as it runs."""
+    """One pass over (name, tensor) pairs, in file order; `stats` is filled in as it runs.
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.stats: StreamStats = engine.stats
+    Nothing is allocated or fetched until iteration starts (the CUDA ring included).
+    """
+
+    def __init__(self, make_engine: Callable[[StreamStats], Engine]) -> None:
+        self._make_engine = make_engine
+        self.stats = StreamStats()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for item, tensor in self._engine:
+        for item, tensor in self._make_engine(self.stats):
             yield item.name, tensor
 
 
@@ -170,25 +173,21 @@ class Checkpoint:
                 if f.name not in self.manifest:
                     raise CheckpointFormatError(f"the sha256 manifest has no entry for {f.ref.name}: add it or pass verify=False")
                 digests[index] = (self.manifest[f.name], f.ref.name)
-        if target.type == "cuda":
-            from weightstream.cuda import CudaSink
 
-            slots = max(1, self.options.pool_bytes // self.options.range_size)
-            sink = CudaSink(target, slots, self.options.range_size, items if hold_all else None)
-        else:
-            sink = HostSink(ByteBudget(None if (hold_all or verify) else self.options.pool_bytes))
-        engine = Engine(
-            items,
-            ranges,
-            sink,
-            self.location.reader,
-            self._pool,
-            self.options.concurrency,
-            [f.header for f in self.files],
-            digests,
-            dtype,
-        )
-        return TensorStream(engine)
+        def make_engine(stats: StreamStats) -> Engine:
+            if target.type == "cuda":
+                from weightstream.cuda import CudaSink
+
+                slots = max(1, self.options.pool_bytes // self.options.range_size)
+                sink = CudaSink(target, slots, self.options.range_size, items if hold_all else None)
+            else:
+                sink = HostSink(ByteBudget(None if (hold_all or verify) else self.options.pool_bytes))
+            headers = [f.header for f in self.files]
+            return Engine(
+                items, ranges, sink, self.location.reader, self._pool, self.options.concurrency, headers, digests, dtype, stats
+            )
+
+        return TensorStream(make_engine)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter(self.stream())
@@ -334,7 +333,8 @@ def load_into(
         device = cuda[0] if len(cuda) == 1 and len(devices) == 1 else torch.device("cpu")
         if device.type == "cpu":
             destinations = {k: v for k, v in destinations.items() if v.device.type == "cpu"}
-        stream = checkpoint.stream(device=device, filter=set(wanted), destinations=destinations)
+        subset = None if len(wanted) == len(checkpoint.tensors) else set(wanted)  # whole files can be sha256-verified
+        stream = checkpoint.stream(device=device, filter=subset, destinations=destinations)
         with torch.no_grad():
             for name, tensor in stream:
                 if name not in destinations:

@@ -112,6 +112,7 @@ class Engine:
         headers: list[Header] | None = None,
         digests: dict[int, tuple[str, str]] | None = None,
         dtype: torch.dtype | None = None,
+        stats: StreamStats | None = None,
     ) -> None:
         self.items = items
         self.ranges = ranges
@@ -120,7 +121,7 @@ class Engine:
         self.pool = pool
         self.concurrency = concurrency
         self.dtype = dtype
-        self.stats = StreamStats()
+        self.stats = stats if stats is not None else StreamStats()
         self.abort = threading.Event()
         self.hashes: dict[int, _FileHash] = {}
         for file, (expected, name) in (digests or {}).items():

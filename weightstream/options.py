@@ -6,12 +6,16 @@ from dataclasses import dataclass, replace
 
 MiB = 1 << 20
 
-# Defaults measured with `liftoff weights bench` / benchmarks/weights.py on this machine (2 cores) against nginx,
-# direct and through the shaping proxy (20 ms first byte, 100 MB/s per connection, 1 GB/s total):
-# 16 MiB ranges x 16 connections reach the link limit in both settings, and 16 x 16 MiB is the 256 MiB pool.
+# Defaults measured with benchmarks/weights.py --sweep (and liftoff weights bench --sweep) on this machine (2 cores)
+# against nginx, direct and through the shaping proxy (20 ms first byte, 100 MB/s per connection, 1 GB/s total);
+# see benchmarks/RESULTS.md. Shaped, 16+ connections are needed to fill the link (4: 0.27-0.36 GB/s, 16: 0.85,
+# 32: 0.86-0.88, the link's limit); range size matters little from 8 MiB up (ranges of 4 MiB pay the 20 ms
+# first byte too often at low concurrency). Unshaped, 16 MiB x 16 is within the noise of the best cell.
+# The pool: streaming with 256 MiB drained at tensor boundaries on the shaped link (0.66 GB/s); 512 MiB
+# reached the link limit (0.89), and 1 GiB added nothing.
 DEFAULT_RANGE_SIZE = 16 * MiB
 DEFAULT_CONCURRENCY = 16
-DEFAULT_POOL_BYTES = 256 * MiB
+DEFAULT_POOL_BYTES = 512 * MiB
 HEADER_PROBE_BYTES = 256 * 1024  # first GET: the 8-byte length and, for almost every file, the whole header
 
 
