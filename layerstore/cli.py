@@ -16,7 +16,7 @@ import sys
 from layerstore import __version__
 from layerstore.errors import LiftoffError
 
-COMPONENTS = ["converter.cli", "snapshotter.cli", "weightstream.cli", "layerstore.demo"]
+COMPONENTS = ["converter.cli", "snapshotter.cli", "weightstream.cli", "layerstore.demo", "registry_proxy.cli"]
 # Which component registers each top-level command.
 COMMANDS = {
     "convert": "converter.cli",
@@ -30,6 +30,7 @@ COMMANDS = {
     "profile": "snapshotter.cli",
     "weights": "weightstream.cli",
     "demo": "layerstore.demo",
+    "proxy": "registry_proxy.cli",
 }
 
 
