@@ -30,6 +30,7 @@ def _upstream_options(p: argparse.ArgumentParser, required: bool) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "proxy",
+        allow_abbrev=False,
         help="run the registry mirror that pulls through, caches, and converts images on first pull",
         description="Serve the OCI distribution API (read-only) as a mirror for containerd: blobs and manifests are fetched "
         "from the configured upstreams once, verified and cached on disk; the first pull of an image queues its conversion "
@@ -84,13 +85,14 @@ def register(subparsers) -> None:
     actions = p.add_subparsers(dest="proxy_action", metavar="[config]", title="actions (none: serve)")
     c = actions.add_parser(
         "config",
+        allow_abbrev=False,
         help="print (or write) containerd's certs.d/<registry>/hosts.toml for each upstream",
         description="containerd then pulls those registries through the proxy (and directly if the proxy fails).",
     )
     c.add_argument("--proxy-url", required=True, help="the proxy's address as nodes reach it, e.g. http://10.0.0.5:5050")
     _upstream_options(c, required=True)
     c.add_argument("--hosts-dir", metavar="DIR", help="write DIR/<registry>/hosts.toml instead of printing")
-    c.add_argument("--ca", metavar="FILE", help="CA certificate of an https proxy URL")
+    c.add_argument("--ca-file", metavar="FILE", help="CA certificate of an https proxy URL (as nodes see the path)")
     c.set_defaults(run=run_config)
 
 
@@ -139,10 +141,10 @@ def run_config(args: argparse.Namespace) -> int:
     upstreams = parse_upstreams(args.upstream, args.plain_http)
     proxy_url = check_proxy_url(args.proxy_url)
     if args.hosts_dir:
-        for path in write_hosts_dir(Path(args.hosts_dir), upstreams, proxy_url, args.ca):
+        for path in write_hosts_dir(Path(args.hosts_dir), upstreams, proxy_url, args.ca_file):
             print(path)
         return 0
     for i, upstream in enumerate(upstreams):
         print(("\n" if i else "") + f"# ---- certs.d/{upstream.name}/hosts.toml ----")
-        print(hosts_toml(upstream, proxy_url, args.ca), end="")
+        print(hosts_toml(upstream, proxy_url, args.ca_file), end="")
     return 0

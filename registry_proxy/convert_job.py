@@ -11,8 +11,10 @@ converter.image.convert_image. Prints the conversion summary as JSON. Exit statu
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import sys
 
 from converter.image import ConvertOptions, convert_image
@@ -22,6 +24,7 @@ from registry_proxy.source import TOKEN_ENV, ProxyImageSource
 
 EXIT_PERMANENT = 2
 EXIT_RETRY = 1
+PR_SET_PDEATHSIG = 1
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -39,8 +42,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def die_with_parent() -> None:
+    """Ask Linux to end this process when the proxy that started it dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the proxy was already gone before prctl took effect
+        sys.exit(EXIT_RETRY)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        die_with_parent()
     token = os.environ.get(TOKEN_ENV, "")
     source = ProxyImageSource(args.proxy, args.upstream, args.repository, args.digest, args.tag, token)
     try:

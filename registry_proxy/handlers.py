@@ -36,6 +36,8 @@ class V2Handler:
         route = parse_route(request.method, request.raw_path, request.path)
         note["kind"] = route.kind
         internal = self._internal(request)
+        if internal:
+            note["by"] = "converter"
         if route.kind == "base":
             return self._base(request)
         client = self.proxy.client(pick_upstream(self.proxy.config, request.query.getall("ns", [])))

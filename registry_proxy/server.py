@@ -156,7 +156,7 @@ def _observe(proxy: Proxy):
             if note["bytes"]:
                 proxy.metrics.bytes_sent.labels(kind, note["source"]).inc(note["bytes"])
             access_log.info(
-                "%s %s %d kind=%s upstream=%s source=%s bytes=%d %.3fs%s",
+                "%s %s %d kind=%s upstream=%s source=%s bytes=%d %.3fs%s%s",
                 request.method,
                 request.path_qs[:300],
                 status,
@@ -165,6 +165,7 @@ def _observe(proxy: Proxy):
                 note["source"],
                 note["bytes"],
                 elapsed,
+                f" by={note['by']}" if "by" in note else "",
                 f" error={note['error']!r}" if "error" in note else "",
             )
 
