@@ -543,7 +543,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="issue 7 weights benchmark")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where the checkpoint and store live (not in the repo)")
     parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size (default 2)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per contender (the median is reported)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per contender (the median is reported)")
     parser.add_argument("--settings", default="unshaped,shaped", help="unshaped,shaped")
     parser.add_argument("--layouts", default="single,sharded", help="single,sharded")
     parser.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))

@@ -5,6 +5,10 @@ allows), collects finished reads, hashes them in file order when verifying,
 and yields each tensor once all of its bytes are in place. Worker threads do
 nothing but reads. On any error, or when the consumer stops early, in-flight
 reads are aborted and nothing partial is handed out.
+
+Dispatching happens in the consumer's thread (this is a generator): while the
+consumer works on a tensor, the reads already in flight (up to `concurrency`
+ranges) continue, but no new ones start until it asks for the next tensor.
 """
 
 from __future__ import annotations
