@@ -37,8 +37,14 @@ from pathlib import Path
 from benchmarks.benchlib import load_average, machine, table
 from benchmarks.build_images import ensure_images
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, Shaping, ShapingProxy
-from benchmarks.weights import start_nginx
-from layerstore.localservices import push_layout, start_containerd, start_fused, start_registry, start_snapshotter
+from layerstore.localservices import (
+    push_layout,
+    start_containerd,
+    start_fused,
+    start_nginx,
+    start_registry,
+    start_snapshotter,
+)
 
 WORK = Path("/var/tmp/liftoff-bench/coldstart")
 LIFTOFF = [sys.executable, "-m", "layerstore.cli"]

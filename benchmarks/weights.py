@@ -34,15 +34,14 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ProxyProcess, Shaping  # noqa: E402
+from layerstore.localservices import Nginx, start_nginx  # noqa: E402
 
 BUCKET = "bench"
 DEFAULT_DIR = Path("/var/tmp/liftoff-weights-bench")
@@ -126,63 +125,6 @@ def _probe(tensor) -> str:
     """The first and last 64 bytes of a tensor, hex (a cheap check that the right bytes arrived)."""
     raw = tensor.reshape(-1).view(__import__("torch").uint8)
     return bytes(raw[:64].tolist() + raw[-64:].tolist()).hex()
-
-
-# -- nginx -------------------------------------------------------------------------------------------------
-@dataclass
-class Nginx:
-    process: subprocess.Popen
-    port: int
-    workdir: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def start_nginx(root: Path, workers: int = 2) -> Nginx:
-    """Debian's nginx serving `root` on 127.0.0.1 (path-style: /bucket/key), with Range support, no logs."""
-    from layerstore.localservices import free_port, wait_for_http
-
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(binary):
-        raise SystemExit("nginx is not installed: apt-get install nginx-light (or nginx)")
-    workdir = Path(tempfile.mkdtemp(prefix="liftoff-nginx-"))
-    port = free_port()
-    temp = "\n".join(f"  {k}_temp_path {workdir}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (workdir / "nginx.conf").write_text(
-        f"""user root;
-worker_processes {workers};
-daemon off;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  keepalive_requests 100000;
-  keepalive_timeout 120;
-  types {{ }}
-  default_type application/octet-stream;
-{temp}
-  server {{
-    listen 127.0.0.1:{port};
-    root {root};
-    location / {{ }}
-  }}
-}}
-"""
-    )
-    process = subprocess.Popen([binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf")], stderr=subprocess.DEVNULL)
-    wait_for_http(f"http://127.0.0.1:{port}/", process=process, ok=(200, 403, 404))
-    return Nginx(process, port, workdir)
 
 
 # -- the contenders (each in its own process) -----------------------------------------------------------------

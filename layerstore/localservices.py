@@ -355,3 +355,63 @@ def start_containerd(
     service = _spawn("containerd", [binary, "--config", str(config_path)], workdir)
     _wait_for_socket(address, service, timeout)
     return Containerd(service, str(address), workdir / "root", workdir / "state", config_path)
+
+
+@dataclass
+class Nginx:
+    """Debian's nginx serving a directory on loopback; a file:// store directory read as path-style S3 (/bucket/key)."""
+
+    process: subprocess.Popen
+    port: int
+    workdir: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_nginx(root: str | os.PathLike[str], workers: int = 2) -> Nginx:
+    """nginx serving `root` on 127.0.0.1 with Range support and no logs: GET /bucket/key answers
+    boto3's GetObject (and Range reads) for a file:// store kept under root/bucket/ (moto re-reads
+    whole objects per range, so throughput benchmarks use this)."""
+    import tempfile
+
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        raise LiftoffError("nginx is not installed: apt-get install nginx (scripts/bootstrap does)")
+    workdir = Path(tempfile.mkdtemp(prefix="liftoff-nginx-"))
+    port = free_port()
+    temp = "\n".join(f"  {k}_temp_path {workdir}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (workdir / "nginx.conf").write_text(
+        f"""user root;
+worker_processes {workers};
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 100000;
+  keepalive_timeout 120;
+  types {{ }}
+  default_type application/octet-stream;
+{temp}
+  server {{
+    listen 127.0.0.1:{port};
+    root {Path(root).absolute()};
+    location / {{ }}
+  }}
+}}
+"""
+    )
+    process = subprocess.Popen([binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf")], stderr=subprocess.DEVNULL)
+    wait_for_http(f"http://127.0.0.1:{port}/", process=process, ok=(200, 403, 404))
+    return Nginx(process, port, workdir)

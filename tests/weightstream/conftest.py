@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.weightstream.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, header
 from weightstream.format import DTYPES
 
 
@@ -97,10 +97,16 @@ def s3_prefix(s3_server, s3_store_url) -> S3Prefix:
     return S3Prefix(s3_server, parts.netloc, parts.path.strip("/") + "/model/", parts.query)
 
 
+def is_data_range(request_head: bytes) -> bool:
+    """A ranged GET that is not the header probe (which starts at byte 0)."""
+    value = header(request_head, "Range")
+    return request_head.startswith(b"GET ") and value is not None and not value.startswith("bytes=0-")
+
+
 @pytest.fixture
 def fault_proxy(s3_server) -> FaultProxy:
     """A real proxy in front of the S3 server; inject() queues faults for data range requests."""
     upstream = urlsplit(s3_server.endpoint)
-    proxy = FaultProxy((upstream.hostname, upstream.port), stall_seconds=3.0)
+    proxy = FaultProxy((upstream.hostname, upstream.port), match=is_data_range, stall_seconds=3.0)
     yield proxy
     proxy.stop()
