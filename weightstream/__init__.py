@@ -8,8 +8,8 @@ with weightstream.open("s3://bucket/llama/") as ckpt:
 weightstream.load_into(model, "s3://bucket/llama/")
 """
 
-from weightstream.api import Checkpoint, LoadResult, TensorStream, load, load_into, name_filter, open
-from weightstream.engine import StreamStats
+from typing import TYPE_CHECKING
+
 from weightstream.errors import (
     CheckpointFormatError,
     CheckpointNotFound,
@@ -19,7 +19,34 @@ from weightstream.errors import (
     WeightsError,
 )
 from weightstream.options import StreamOptions
-from weightstream.plan import TensorSlice
+
+if TYPE_CHECKING:
+    from weightstream.api import Checkpoint, LoadResult, TensorStream, load, load_into, name_filter, open
+    from weightstream.engine import StreamStats
+    from weightstream.plan import TensorSlice
+
+_LAZY = {  # imported on first use: they need torch, which `liftoff` subcommands other than `weights` never load
+    "Checkpoint": "weightstream.api",
+    "LoadResult": "weightstream.api",
+    "TensorStream": "weightstream.api",
+    "load": "weightstream.api",
+    "load_into": "weightstream.api",
+    "name_filter": "weightstream.api",
+    "open": "weightstream.api",
+    "StreamStats": "weightstream.engine",
+    "TensorSlice": "weightstream.plan",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'weightstream' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "Checkpoint",
