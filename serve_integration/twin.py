@@ -1,0 +1,117 @@
+"""The CPU twin of a vLLM replica: a Serve deployment of TinyLM whose weights stream from the
+store through weightstream (or, to compare, are downloaded to disk and then loaded).
+
+    app = build_twin_app("s3://bucket/models/tiny/", ReplicaOptions(...))
+    serve.run(app, name="tiny", route_prefix="/tiny")
+    POST /tiny {"prompt": "...", "max_new_tokens": 16} -> {"text": ..., "replica": {...}}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from serve_integration.replica import ReplicaOptions
+
+log = logging.getLogger(__name__)
+LOADERS = ("weightstream", "download")
+
+
+def _meta_model(config_text: str):
+    """The model with its parameters allocated (uninitialized: the loader fills every byte)."""
+    import torch
+
+    from serve_integration.tinylm import TinyConfig, TinyLM
+
+    with torch.device("meta"):
+        model = TinyLM(TinyConfig.from_json(config_text))
+    return model.to_empty(device="cpu").eval()
+
+
+def read_config(model_url: str) -> str:
+    """The checkpoint's config.json."""
+    import weightstream.sources as sources
+    from weightstream.options import StreamOptions
+
+    location = sources.open_location(model_url, StreamOptions())
+    try:
+        return location.read_small("config.json").decode()
+    finally:
+        location.close()
+
+
+def load_streaming(model_url: str):
+    """TinyLM with its weights streamed straight into its parameters (no disk)."""
+    import weightstream
+
+    model = _meta_model(read_config(model_url))
+    weightstream.load_into(model, model_url, strict=True)
+    return model
+
+
+def load_downloading(model_url: str):
+    """The baseline: boto3 download_file of every checkpoint file to local disk, then safetensors."""
+    import boto3
+    from safetensors.torch import load_file
+
+    parts = urlsplit(model_url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    client = boto3.client("s3", endpoint_url=query.get("endpoint_url"), region_name=query.get("region"))
+    prefix = parts.path.lstrip("/")
+    prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
+    directory = tempfile.mkdtemp(prefix="liftoff-download-")
+    try:
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=parts.netloc, Prefix=prefix)
+            for o in page.get("Contents", [])
+        ]
+        for key in keys:
+            if key.endswith((".safetensors", ".json")):
+                client.download_file(parts.netloc, key, os.path.join(directory, os.path.basename(key)))
+        model = _meta_model(Path(directory, "config.json").read_text())
+        state = {}
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".safetensors"):
+                state.update(load_file(os.path.join(directory, name)))
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class TinyLMServer:
+    """One replica: loads the model in its constructor (so Serve routes nothing to it before),
+    then answers generation requests."""
+
+    def __init__(self, model_url: str, loader: str = "weightstream") -> None:
+        if loader not in LOADERS:
+            raise ValueError(f"unknown loader {loader!r}: use one of {', '.join(LOADERS)}")
+        started = time.monotonic()
+        self.model = load_streaming(model_url) if loader == "weightstream" else load_downloading(model_url)
+        self.info = {"loader": loader, "load_seconds": round(time.monotonic() - started, 3), "pid": os.getpid()}
+        log.info("TinyLM replica ready: %s", self.info)
+
+    def check_health(self) -> None:
+        """Serve's health check: the constructor only returns once the weights are in."""
+        if self.model is None:
+            raise RuntimeError("the model is not loaded")
+
+    async def __call__(self, request) -> dict:
+        body = await request.json()
+        text = self.model.generate(str(body.get("prompt", "")), int(body.get("max_new_tokens", 16)))
+        return {"text": text, "replica": self.info}
+
+
+def build_twin_app(model_url: str, options: ReplicaOptions | None = None, loader: str = "weightstream", name: str = "TinyLM"):
+    """A Ray Serve application serving TinyLM from `model_url` with the given replica options."""
+    from ray import serve
+
+    options = options or ReplicaOptions()
+    deployment = serve.deployment(TinyLMServer, name=name, **options.deployment_options())
+    return deployment.bind(model_url, loader)
