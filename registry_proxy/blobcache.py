@@ -25,7 +25,7 @@ _HEX = re.compile(r"^[a-f0-9]{64}$")
 
 
 class BlobCache:
-    """The disk cache of blobs by digest; every method runs on the event loop's thread except persist()."""
+    """The disk cache of blobs by digest; every method runs on the event loop's thread except sync()."""
 
     def __init__(self, root: Path, capacity: int, metrics: ProxyMetrics | None = None) -> None:
         self.root = root
@@ -93,20 +93,21 @@ class BlobCache:
         path = self.tmp / uuid.uuid4().hex
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
 
-    def persist(self, fd: int, temp: Path, digest: str, size: int) -> bool:
-        """Make a verified temp file durable and rename it into place (blocking: run in a thread).
-        A blob larger than the whole cache is not kept; returns whether it was."""
-        if size > self.capacity:
-            temp.unlink(missing_ok=True)
-            return False
+    def fits(self, size: int) -> bool:
+        """Whether a blob of `size` bytes is kept at all (not when larger than the whole cache)."""
+        return size <= self.capacity
+
+    @staticmethod
+    def sync(fd: int) -> None:
+        """Make a verified temp file's data durable (blocking: run it in a thread)."""
         os.fsync(fd)
+
+    def admit(self, temp: Path, digest: str, size: int) -> None:
+        """Rename a verified, synced temp file into place and account it, then evict down to the cap.
+        On the loop's thread, so a blob's file appears exactly when the cache knows it."""
         final = self.path(digest)
         final.parent.mkdir(exist_ok=True)
         os.rename(temp, final)
-        return True
-
-    def admit(self, digest: str, size: int) -> None:
-        """Account a blob that persist() renamed into place, then evict down to the cap."""
         hex_digest = digest.split(":", 1)[1]
         if hex_digest in self._lru:
             self.used -= self._lru.pop(hex_digest)

@@ -224,9 +224,8 @@ class BlobFetcher:
                 code="DIGEST_INVALID",
             )
         download.verify()
-        kept = await loop.run_in_executor(
-            self._io, self.cache.persist, download.fd, download.temp, download.digest, download.written
-        )
-        if kept:
-            self.cache.admit(download.digest, download.written)
-        return kept
+        if not self.cache.fits(download.written):
+            return False
+        await loop.run_in_executor(self._io, self.cache.sync, download.fd)
+        self.cache.admit(download.temp, download.digest, download.written)
+        return True

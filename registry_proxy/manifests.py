@@ -17,10 +17,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
+
 from layerstore.oci import mediatypes
 from registry_proxy.access import Access
 from registry_proxy.auth import identity_of
-from registry_proxy.errors import ProxyError, bad_gateway
+from registry_proxy.errors import ProxyError, bad_gateway, gateway_timeout
 from registry_proxy.metrics import ProxyMetrics
 from registry_proxy.routes import DIGEST
 from registry_proxy.upstream import UpstreamClient
@@ -142,7 +144,9 @@ class ManifestCache:
                 if len(body) > self.max_bytes:
                     raise self._oversized(client, what, None)
         except TimeoutError:
-            raise bad_gateway(f"upstream {client.name} stalled sending {what}") from None
+            raise gateway_timeout(f"upstream {client.name} stalled sending {what}") from None
+        except aiohttp.ClientError as e:
+            raise bad_gateway(f"upstream {client.name} broke off {what} ({type(e).__name__})") from None
         finally:
             response.release()
         if declared is not None and len(body) != declared:

@@ -149,6 +149,18 @@ def _observe(proxy: Proxy):
             if request.transport is not None:
                 request.transport.abort()
             return note.get("response") or web.Response(status=status)  # aiohttp's write_eof meets the closed socket
+        except web.HTTPException:
+            raise
+        except Exception as e:  # a bug: still the distribution API's error shape, and the trace in the log
+            log.exception("%s %s failed", request.method, request.path_qs[:300])
+            status = 500
+            note["error"] = f"internal error: {type(e).__name__}"
+            if "response" in note:  # headers already sent
+                if request.transport is not None:
+                    request.transport.abort()
+                return note["response"]
+            error = ProxyError(500, "UNKNOWN", f"internal error in the proxy ({type(e).__name__}); see its log")
+            return web.Response(status=500, body=error.body(), content_type="application/json", headers=API_VERSION)
         finally:
             elapsed = time.monotonic() - started
             kind = note["kind"]

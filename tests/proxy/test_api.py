@@ -141,8 +141,8 @@ def test_tags_are_revalidated_after_the_ttl(registry, tmp_path_factory):
 def test_a_stale_tag_is_served_when_the_upstream_times_out(registry, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("stale")
     img = push_image(registry.host, workdir, "proxy-test/stale", [1000])
-    relay = FaultProxy(("127.0.0.1", int(registry.host.split(":")[1])), delay_seconds=2.0)
-    proxy = start_proxy(workdir, [(registry.host, relay.endpoint)], "--tag-ttl", "0.5", "--upstream-timeout", "0.5")
+    relay = FaultProxy(("127.0.0.1", int(registry.host.split(":")[1])), delay_seconds=2.5)
+    proxy = start_proxy(workdir, [(registry.host, relay.endpoint)], "--tag-ttl", "0.5", "--upstream-timeout", "1")
     try:
         path = f"/v2/{img.repository}/manifests/{img.tag}"
         assert proxy.get(path).content == img.manifest

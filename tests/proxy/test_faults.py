@@ -119,6 +119,13 @@ def test_upstream_errors_on_manifests_cache_nothing(faulty, relay, fresh):
     relay.inject("corrupt")  # the body no longer matches the registry's Docker-Content-Digest
     bad = faulty.get(path)
     assert bad.status_code == 502 and _error(bad)["code"] == "DIGEST_INVALID"
+    for fault in ("truncate", "reset"):
+        relay.inject(fault)
+        broken = faulty.get(path)
+        assert broken.status_code == 502 and "broke off" in _error(broken)["message"], broken.text
+    relay.inject("stall")
+    stalled = faulty.get(path)
+    assert stalled.status_code == 504 and "stalled" in _error(stalled)["message"]
     relay.inject("corrupt")
     by_digest = faulty.get(f"/v2/{fresh.repository}/manifests/{fresh.manifest_digest}")
     assert by_digest.status_code == 502 and _error(by_digest)["code"] == "DIGEST_INVALID"

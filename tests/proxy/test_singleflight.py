@@ -17,8 +17,8 @@ def test_concurrent_pulls_of_one_blob_fetch_it_upstream_once(registry, tmp_path)
     image = push_image(registry.host, tmp_path, "singleflight/app", [4 << 20])
     digest = image.layer_digests[0]
     data = image.blobs[digest]
-    # the upstream answers after 1 s, so every client arrives while the one fetch is in flight
-    relay = FaultProxy(("127.0.0.1", int(registry.host.split(":")[1])), delay_seconds=1.0)
+    # the upstream answers after 2 s, so every client arrives while the one fetch is in flight
+    relay = FaultProxy(("127.0.0.1", int(registry.host.split(":")[1])), delay_seconds=2.0)
     relay.match = lambda head: head.startswith(b"GET ") and digest.encode() in head.split(b"\r\n", 1)[0]
     relay.inject("delay")
     proxy = start_proxy(tmp_path / "proxy", [(registry.host, relay.endpoint)])
@@ -45,7 +45,9 @@ def test_concurrent_pulls_of_one_blob_fetch_it_upstream_once(registry, tmp_path)
                 assert status == 200 and body == data, i
         assert registry_gets(registry, digest) == 1
         assert proxy.metric("liftoff_proxy_cache_lookups_total", kind="blob", result="miss") == 1
-        assert proxy.metric("liftoff_proxy_cache_lookups_total", kind="blob", result="joined") == CLIENTS - 1
+        joined = proxy.metric("liftoff_proxy_cache_lookups_total", kind="blob", result="joined")
+        hits = proxy.metric("liftoff_proxy_cache_lookups_total", kind="blob", result="hit")
+        assert joined + hits == CLIENTS - 1 and joined >= CLIENTS // 2, (joined, hits)  # a very late client may hit the cache
         wait_cached(proxy, [digest])
         assert requests.get(proxy.url + image.blob_path(digest), timeout=30).content == data
         assert registry_gets(registry, digest) == 1
