@@ -4,15 +4,24 @@ fetched, from the registry or from the proxy, and the container runs from the sn
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import run_cli
-from tests.proxy.helpers import start_proxy
+from tests.proxy.helpers import registry_gets, start_proxy
 from tests.remote.conftest import build_image, liftoff_pull, start_stack
 from tests.remote.images import conformance_layers
 
 RUN = ["/app/run.sh"]
 EXPECTED = "lazily started\nNAME=liftoff-test\nVERSION=2\n"
+
+
+def image_layer_digests(image) -> list[str]:
+    """The layer digests of a tests.remote image, from its layout."""
+    layout = image.layout / "blobs" / "sha256"
+    manifest = json.loads((layout / image.manifest_digest.split(":")[1]).read_text())
+    return [layer["digest"] for layer in manifest["layers"]]
 
 
 def _registry_lines(registry) -> list[str]:
@@ -43,6 +52,7 @@ def test_containerd_pulls_through_the_proxy_then_the_converted_image_runs_lazily
     stack = start_stack(workdir / "stack", store)
     try:
         seen = len(_registry_lines(registry))
+        layer_gets = {d: registry_gets(registry, d) for d in image_layer_digests(image)}
         # 1. an ordinary containerd pull, configured only by hosts.toml: every request goes through the proxy
         stack.containerd.ctr("image", "pull", "--hosts-dir", str(hosts_dir), image.ref)
         direct = [line for line in _registry_lines(registry)[seen:] if "containerd/" in line]
@@ -55,6 +65,8 @@ def test_containerd_pulls_through_the_proxy_then_the_converted_image_runs_lazily
         assert job["state"] == "done", job
         assert job["tag"] == "v1" and job["repository"] == "remote-test/proxy-e2e"
         assert job["result"]["images"][0]["layers"][0]["chunks"] > 0
+        # the conversion read through the proxy's cache (or joined containerd's downloads): one upstream fetch each
+        assert {d: registry_gets(registry, d) - n for d, n in layer_gets.items()} == dict.fromkeys(layer_gets, 1)
         # 3. the next pull, through the proxy, is lazy
         blob_gets, served = registry.blob_gets(), len(proxy.access())
         ref = f"{proxy.host}/remote-test/proxy-e2e:v1"
