@@ -8,7 +8,9 @@ import json
 class ProxyError(Exception):
     """An error to answer with `{"errors": [{"code", "message", "detail"}]}` and `status`."""
 
-    def __init__(self, status: int, code: str, message: str, detail: object = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, detail: object = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 SMALL_BLOB = 1 << 20  # smaller blobs are verified before the first byte is sent, so errors arrive as JSON
 MAX_TAGS_BODY = 16 << 20
+BodySender = Callable[[web.StreamResponse, int, int], Awaitable[None]]  # (response, start, length)
 
 
 class V2Handler:
@@ -129,7 +131,7 @@ class V2Handler:
         finally:
             download.close_reader(reader)
 
-    async def _send(self, request: web.Request, headers: dict[str, str], size: int, body) -> web.StreamResponse:
+    async def _send(self, request: web.Request, headers: dict[str, str], size: int, body: BodySender) -> web.StreamResponse:
         start, length, partial = sending.parse_range(request.headers.get("Range"), size)
         response = await sending.start_body(request, headers, size, start, length, partial)
         request["liftoff"]["response"] = response
@@ -139,11 +141,11 @@ class V2Handler:
         await response.write_eof()
         return response
 
-    async def _copy(self, request: web.Request, response: web.StreamResponse, stream, start: int, length: int) -> None:
+    async def _copy(self, request: web.Request, response: web.StreamResponse, stream: BinaryIO, start: int, length: int) -> None:
         await sending.send_file(request, response, stream, start, length)
 
     async def _follow(
-        self, request: web.Request, response: web.StreamResponse, download: Download, reader, start: int, length: int
+        self, request: web.Request, response: web.StreamResponse, download: Download, reader: BinaryIO, start: int, length: int
     ) -> None:
         """Send [start, start+length) of a download as it arrives; cut the connection if it fails."""
         position, end = start, start + length

@@ -12,6 +12,7 @@ import time
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from layerstore import __version__
 from layerstore.errors import LiftoffError
@@ -126,11 +127,11 @@ def _conversions(proxy: Proxy, request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-def _observe(proxy: Proxy):
+def _observe(proxy: Proxy) -> Middleware:
     """Middleware: errors as the distribution API's JSON, a cut connection for broken streams, access log, metrics."""
 
     @web.middleware
-    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
         note = request["liftoff"] = {"kind": "invalid", "source": "-", "bytes": 0}
         status = 500
@@ -224,7 +225,7 @@ async def serve(config: ProxyConfig) -> None:
     await proxy.start(own_url(host, port))
     upstreams = ", ".join(f"{u.name}={u.url}" for u in config.upstreams)
     conversions = f"converting into {', '.join(config.stores)}" if config.stores else "conversion off (no --store)"
-    log.warning(
+    log.info(
         "liftoff proxy on http://%s:%d for %s; cache %s (cap %d bytes); %s",
         host,
         port,

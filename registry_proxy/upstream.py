@@ -74,7 +74,16 @@ class UpstreamClient:
         finally:
             response.close()
 
-    async def _send(self, method, path, kind, what, headers, query, authorization) -> aiohttp.ClientResponse:
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        kind: str,
+        what: str,
+        headers: dict[str, str] | None,
+        query: dict[str, str] | None,
+        authorization: str | None,
+    ) -> aiohttp.ClientResponse:
         url = self.upstream.url + path
         sent = dict(headers or {})
         if authorization:
