@@ -159,6 +159,7 @@ def main() -> int:
                 measure(registry.host, upstream, digests, args.runs, results, setting)
     finally:
         registry.stop()
+        shutil.rmtree(WORK, ignore_errors=True)  # random blobs: nothing worth keeping
     rows = []
     for setting in settings:
         label = SHAPED.label if setting == "shaped" else "unshaped (loopback)"
