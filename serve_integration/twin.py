@@ -8,6 +8,7 @@ store through weightstream (or, to compare, are downloaded to disk and then load
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -55,30 +56,37 @@ def load_streaming(model_url: str):
 
 
 def load_downloading(model_url: str):
-    """The baseline: boto3 download_file of every checkpoint file to local disk, then safetensors."""
+    """The baseline (`aws s3 cp`, then load): boto3 download_file of config.json and the checkpoint
+    (model.safetensors, or the shards its index names) to local disk, then safetensors."""
     import boto3
+    import botocore.config
+    import botocore.exceptions
     from safetensors.torch import load_file
 
     parts = urlsplit(model_url)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    client = boto3.client("s3", endpoint_url=query.get("endpoint_url"), region_name=query.get("region"))
+    style = "path" if query.get("path_style", "").lower() in ("1", "true", "yes") else "auto"
+    client = boto3.client(
+        "s3",
+        endpoint_url=query.get("endpoint_url"),
+        region_name=query.get("region"),
+        config=botocore.config.Config(s3={"addressing_style": style}),
+    )
     prefix = parts.path.lstrip("/")
     prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
     directory = tempfile.mkdtemp(prefix="liftoff-download-")
     try:
-        keys = [
-            o["Key"]
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=parts.netloc, Prefix=prefix)
-            for o in page.get("Contents", [])
-        ]
-        for key in keys:
-            if key.endswith((".safetensors", ".json")):
-                client.download_file(parts.netloc, key, os.path.join(directory, os.path.basename(key)))
+        try:
+            index = client.get_object(Bucket=parts.netloc, Key=prefix + "model.safetensors.index.json")["Body"].read()
+            files = sorted(set(json.loads(index)["weight_map"].values()))
+        except botocore.exceptions.ClientError:
+            files = ["model.safetensors"]
+        for name in ["config.json", *files]:
+            client.download_file(parts.netloc, prefix + name, os.path.join(directory, name))
         model = _meta_model(Path(directory, "config.json").read_text())
         state = {}
-        for name in sorted(os.listdir(directory)):
-            if name.endswith(".safetensors"):
-                state.update(load_file(os.path.join(directory, name)))
+        for name in files:
+            state.update(load_file(os.path.join(directory, name)))
         model.load_state_dict(state, strict=True, assign=True)
         return model
     finally:

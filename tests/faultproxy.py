@@ -137,12 +137,13 @@ class FaultProxy:
                 fault = self._next_fault(head)
                 if fault in STATUS:
                     status, message = STATUS[fault]
+                    payload = b"" if head.startswith(b"HEAD ") else message  # a HEAD answer carries headers only
                     client.sendall(
                         b"HTTP/1.1 "
                         + status
                         + b"\r\nContent-Type: application/xml\r\n"
                         + f"Content-Length: {len(message)}\r\n\r\n".encode()
-                        + message
+                        + payload
                     )
                     continue
                 if fault == "delay":

@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""End-to-end scale-up: from "a new replica is needed" to "the replica answered its first request".
+
+    scripts/bench scaleup [--runs 3] [--settings unshaped,shaped] [--model-gb 1.6] [--no-ray]
+
+The replica is a container (containerd + runc) of the `server` image: the torch image of
+benchmarks/build_images.py plus liftoff (a wheel of this repository), boto3 and safetensors,
+running `python3 -m serve_integration.server` with a TinyLM checkpoint of ~1.6 GB (fp32)
+from the store. Both the registry and the store (nginx serving a directory, path-style S3)
+sit behind the shaping proxy; fresh containerd and liftoff state and dropped page caches per run.
+
+  baseline: `ctr image pull` (overlayfs), `ctr run`, in the container boto3 download_file of
+            the checkpoint to disk and safetensors load (the seed's "KubeRay on EKS" + `aws s3 cp`)
+  liftoff:  `liftoff pull` (converted image, startup profile), `ctr run --snapshotter liftoff`,
+            weights streamed with weightstream
+
+Phases: pull, container start (to the server process's first instruction), weight load, first
+response. Then, unless --no-ray: a Ray Serve autoscaling run with the CPU twin on a local
+multi-node Ray cluster (traffic rises, Serve adds a replica), timing the new replica to ready
+with weightstream vs download-then-load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+from benchmarks.benchlib import load_average, machine, table
+from benchmarks.build_images import Chroot, ensure_images, run
+from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ShapingProxy
+from layerstore.localservices import (
+    free_port,
+    push_layout,
+    start_containerd,
+    start_fused,
+    start_nginx,
+    start_registry,
+    start_snapshotter,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = Path("/var/tmp/liftoff-bench/scaleup")
+LIFTOFF = [sys.executable, "-m", "layerstore.cli"]
+BUCKET = "liftoff-bench"
+AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+SERVER_DEPS = ["boto3==1.44.5", "safetensors==0.8.0"]
+
+
+def liftoff(*args: str) -> str:
+    done = subprocess.run([*LIFTOFF, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"liftoff {' '.join(args[:2])} failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+# -- the server image ---------------------------------------------------------------------------------
+
+
+def source_hash() -> str:
+    digest = hashlib.sha256()
+    for package in ("layerstore", "weightstream", "serve_integration"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def ensure_server_image(base: Path) -> tuple[Path, str]:
+    """An OCI layout with tag `server`: the torch image plus liftoff, boto3 and safetensors (cached by source hash)."""
+    tag = f"server-{source_hash()}"
+    layout = WORK.parent / "server-images"
+    if (layout / "index.json").exists() and tag in (layout / "index.json").read_text():
+        return layout, tag
+    shutil.rmtree(layout, ignore_errors=True)
+    shutil.copytree(base, layout)
+    wheels = Path(WORK.parent / "server-wheels")
+    shutil.rmtree(wheels, ignore_errors=True)
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT))
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "-d",
+        str(wheels),
+        *SERVER_DEPS,
+    )
+    bundle = WORK.parent / "server-bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    run("umoci", "unpack", "--image", f"{layout}:torch", str(bundle))
+    try:
+        with Chroot(bundle / "rootfs", wheels) as chroot:
+            names = sorted(p.name for p in wheels.glob("*.whl"))
+            chroot(
+                "/opt/venv/bin/pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-compile",
+                "--find-links",
+                "/tmp/wheels",
+                *[f"/tmp/wheels/{n}" for n in names if n.startswith("liftoff-")],
+                "--no-deps",
+            )
+            chroot(
+                "/opt/venv/bin/pip", "install", "-q", "--no-index", "--no-compile", "--find-links", "/tmp/wheels", *SERVER_DEPS
+            )
+        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:{tag}", str(bundle))
+        run("umoci", "gc", "--layout", str(layout))
+    finally:
+        shutil.rmtree(bundle, ignore_errors=True)
+    return layout, tag
+
+
+# -- one replica start ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    pull: float
+    start: float  # container created -> server process running
+    load: float  # weights loaded (download + load, or streamed)
+    respond: float  # ready -> first response
+    total: float
+
+
+def wait_health(port: int, deadline: float) -> dict:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                return json.loads(response.read())
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError("the replica never became ready")
+
+
+def first_response(port: int) -> None:
+    body = json.dumps({"prompt": "liftoff", "max_new_tokens": 1}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        json.loads(response.read())
+
+
+def replica(containerd, ref: str, snapshotter: str, model_url: str, loader: str, pull) -> Sample:
+    port = free_port()
+    started = time.monotonic()
+    wall0 = time.time()
+    pull()
+    pulled = time.monotonic()
+    argv = [
+        "ctr",
+        "--address",
+        containerd.address,
+        "run",
+        "-d",
+        "--net-host",
+        "--snapshotter",
+        snapshotter,
+        ref,
+        f"replica-{port}",
+        "python3",
+        "-m",
+        "serve_integration.server",
+        "--model-url",
+        model_url,
+        "--loader",
+        loader,
+        "--port",
+        str(port),
+    ]
+    for k, v in AWS.items():
+        argv[7:7] = ["--env", f"{k}={v}"]
+    subprocess.run(argv, check=True, capture_output=True)
+    health = wait_health(port, time.monotonic() + 600)
+    ready = time.monotonic()
+    first_response(port)
+    done = time.monotonic()
+    subprocess.run(
+        ["ctr", "--address", containerd.address, "task", "kill", "-s", "SIGKILL", f"replica-{port}"], capture_output=True
+    )
+    start = health["started_at"] - (wall0 + (pulled - started))
+    return Sample(
+        pull=pulled - started,
+        start=max(0.0, start),
+        load=health["loaded_at"] - health["started_at"],
+        respond=done - ready,
+        total=done - started,
+    )
+
+
+def run_baseline(base: Path, ref: str, model_url: str) -> Sample:
+    containerd = start_containerd(base / "containerd")
+    try:
+        drop_caches()
+        return replica(
+            containerd,
+            ref,
+            "overlayfs",
+            model_url,
+            "download",
+            lambda: containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref),
+        )
+    finally:
+        containerd.stop()
+
+
+def run_liftoff(base: Path, ref: str, store: str, model_url: str) -> Sample:
+    socket = base / "run" / "snapshotter.sock"
+    fused = start_fused(base / "root" / "remote", ["--store", store], workdir=base)
+    snapshotter = containerd = None
+    try:
+        snapshotter = start_snapshotter(
+            base / "root", socket, workdir=base, log_level="info", extra_args=["--store", store, "--no-start-fused"]
+        )
+        containerd = start_containerd(base / "containerd", socket)
+        drop_caches()
+        return replica(
+            containerd,
+            ref,
+            "liftoff",
+            model_url,
+            "weightstream",
+            lambda: liftoff("pull", ref, "--address", containerd.address, "--plain-http"),
+        )
+    finally:
+        if containerd:
+            containerd.stop()
+        if snapshotter:
+            snapshotter.stop()
+        fused.stop()
+
+
+# -- Ray Serve autoscaling ---------------------------------------------------------------------------------
+
+
+def ray_autoscaling(model_url: str) -> dict:
+    """A 3-node local Ray cluster; traffic makes Serve add a TinyLM replica; its time to ready per loader."""
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from serve_integration.replica import ReplicaOptions
+    from serve_integration.twin import build_twin_app
+
+    results = {}
+    for loader in ("download", "weightstream"):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, runtime_env={"env_vars": AWS}, log_to_driver=False)
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            options = ReplicaOptions(
+                min_replicas=1,
+                max_replicas=2,
+                initial_replicas=1,
+                target_ongoing_requests=1,
+                upscale_delay_s=0.5,
+                downscale_delay_s=600,
+                num_cpus=1,
+                max_ongoing_requests=4,
+            )
+            serve.run(build_twin_app(model_url, options, loader=loader), name="twin", route_prefix="/twin")
+            asked = time.monotonic()
+            stop = time.monotonic() + 300
+            seen: set[int] = set()
+            import threading
+
+            def load(port=port, stop=stop, seen=seen, loader=loader, asked=asked) -> None:
+                body = json.dumps({"prompt": "liftoff", "max_new_tokens": 8}).encode()
+                while time.monotonic() < stop and len(seen) < 2:
+                    request = urllib.request.Request(f"http://127.0.0.1:{port}/twin", data=body, method="POST")
+                    with urllib.request.urlopen(request, timeout=300) as response:
+                        answer = json.loads(response.read())
+                    seen.add(answer["replica"]["pid"])
+                    if len(seen) == 2 and "second" not in results.get(loader, {}):
+                        results[loader] = {
+                            "second_replica_serving_s": round(time.monotonic() - asked, 2),
+                            "load_seconds": answer["replica"]["load_seconds"],
+                        }
+
+            threads = [threading.Thread(target=load) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
+    return results
+
+
+# -- main -----------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--settings", default="unshaped,shaped")
+    parser.add_argument("--model-gb", type=float, default=1.6, help="checkpoint size (fp32 TinyLM)")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve autoscaling run")
+    parser.add_argument("--out", type=Path, default=WORK.parent / "scaleup.json")
+    args = parser.parse_args()
+    os.environ.update(AWS)
+    layout, tag = ensure_server_image(ensure_images())
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    store_root = WORK / "store"
+    from serve_integration.tinylm import TinyConfig, parameter_bytes, save_checkpoint
+
+    layers = max(1, round(args.model_gb * 1e9 / parameter_bytes(TinyConfig(dim=2048, layers=1, heads=16))))
+    config = TinyConfig(dim=2048, layers=layers, heads=16)
+    save_checkpoint(store_root / BUCKET / "models" / "tiny", config, seed=1)
+    model_bytes = parameter_bytes(config)
+    registry = start_registry(WORK / "registry")
+    nginx = start_nginx(store_root)
+    report = {"date": date.today().isoformat(), "machine": machine(), "model_bytes": model_bytes, "results": {}}
+    try:
+        ref0 = push_layout(layout, tag, registry.host, "bench/server")
+        liftoff("convert", ref0, "--plain-http", "--store", f"file://{store_root / BUCKET / 'images'}")
+        nginx_url = f"http://127.0.0.1:{nginx.port}"
+        model0 = f"s3://{BUCKET}/models/tiny/?endpoint_url={nginx_url}&path_style=true"
+        server_cmd = [
+            "python3",
+            "-m",
+            "serve_integration.server",
+            "--model-url",
+            model0,
+            "--loader",
+            "weightstream",
+            "--port",
+            str(free_port()),
+        ]
+        del server_cmd  # the profile records the server's own start, weights included (streamed, not in the image)
+        liftoff(
+            "profile",
+            ref0,
+            "--plain-http",
+            "--store",
+            f"file://{store_root / BUCKET / 'images'}",
+            "--until-line",
+            "never-printed",
+            "--seconds",
+            "25",
+            "--",
+            "python3",
+            "-c",
+            "import serve_integration.server, serve_integration.twin, weightstream, torch, boto3, safetensors",
+        )
+        for setting in args.settings.split(","):
+            shaping = {"unshaped": UNSHAPED, "shaped": SHAPED}[setting]
+            with (
+                ShapingProxy(("127.0.0.1", int(registry.host.split(":")[1])), shaping) as registry_proxy,
+                ShapingProxy(("127.0.0.1", nginx.port), shaping) as store_proxy,
+            ):
+                endpoint = f"http://127.0.0.1:{store_proxy.port}"
+                ref = f"127.0.0.1:{registry_proxy.port}/bench/server:{tag}"
+                store = f"s3://{BUCKET}/images?endpoint_url={endpoint}&path_style=true"
+                model_url = f"s3://{BUCKET}/models/tiny/?endpoint_url={endpoint}&path_style=true"
+                samples: dict[str, list[Sample]] = {"baseline": [], "liftoff": []}
+                for i in range(args.runs):
+                    samples["baseline"].append(run_baseline(WORK / f"{setting}-b{i}", ref, model_url))
+                    samples["liftoff"].append(run_liftoff(WORK / f"{setting}-l{i}", ref, store, model_url))
+                    for d in (f"{setting}-b{i}", f"{setting}-l{i}"):
+                        shutil.rmtree(WORK / d, ignore_errors=True)
+                report["results"][setting] = {k: [asdict(s) for s in v] for k, v in samples.items()}
+                print_table(setting, samples, model_bytes)
+        if not args.no_ray:
+            report["ray_autoscaling"] = ray_autoscaling(
+                f"s3://{BUCKET}/models/tiny/?endpoint_url=http://127.0.0.1:{nginx.port}&path_style=true"
+            )
+            print(
+                "\nRay Serve autoscaling (CPU twin, local 3-node cluster, unshaped): time from the traffic rise to "
+                "the second replica answering"
+            )
+            for loader, result in report["ray_autoscaling"].items():
+                print(f"  {loader:13} {result}")
+    finally:
+        nginx.stop()
+        registry.stop()
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"machine: {machine()}; load average {load_average():.1f}; results in {args.out}")
+
+
+def print_table(setting: str, samples: dict[str, list[Sample]], model_bytes: int) -> None:
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    rows = []
+    for name, label in (
+        ("baseline", "overlayfs pull + boto3 download + safetensors"),
+        ("liftoff", "liftoff pull (profile) + weightstream"),
+    ):
+        s = samples[name]
+        rows.append(
+            [
+                label,
+                med([x.pull for x in s]),
+                med([x.start for x in s]),
+                med([x.load for x in s]),
+                med([x.respond for x in s]),
+                med([x.total for x in s]),
+            ]
+        )
+    ratio = statistics.median(x.total for x in samples["baseline"]) / statistics.median(x.total for x in samples["liftoff"])
+    print(f"\n{setting}: model {model_bytes / 1e9:.2f} GB")
+    print(table(["replica", "pull s", "container start s", "weight load s", "first response s", "end to end s"], rows))
+    print(f"end to end: {ratio:.1f}x faster", flush=True)
+
+
+if __name__ == "__main__":
+    main()
