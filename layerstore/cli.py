@@ -16,7 +16,14 @@ import sys
 from layerstore import __version__
 from layerstore.errors import LiftoffError
 
-COMPONENTS = ["converter.cli", "snapshotter.cli", "weightstream.cli", "layerstore.demo", "registry_proxy.cli"]
+COMPONENTS = [
+    "converter.cli",
+    "snapshotter.cli",
+    "weightstream.cli",
+    "registry_proxy.cli",
+    "serve_integration.cli",
+    "layerstore.demo",
+]
 # Which component registers each top-level command.
 COMMANDS = {
     "convert": "converter.cli",
@@ -29,6 +36,7 @@ COMMANDS = {
     "fused": "snapshotter.cli",
     "profile": "snapshotter.cli",
     "weights": "weightstream.cli",
+    "compact": "serve_integration.cli",
     "demo": "layerstore.demo",
     "proxy": "registry_proxy.cli",
 }
