@@ -57,8 +57,12 @@ def register(subparsers) -> None:
     )
     f.add_argument("--max-readahead", default="128K", help="FUSE readahead the kernel may do per file (default 128K)")
     f.add_argument("--prefetch-threads", type=int, default=16, help="concurrent fetches of a startup profile (default 16)")
-    f.add_argument("--fetch-retry-seconds", type=float, default=30.0,
-                   help="how long a read keeps retrying a store that fails (unreachable, corrupt data) before EIO")
+    f.add_argument(
+        "--fetch-retry-seconds",
+        type=float,
+        default=30.0,
+        help="how long a read keeps retrying a store that fails (unreachable, corrupt data) before EIO",
+    )
     f.add_argument(
         "--fill-rate",
         default="0",
@@ -92,6 +96,7 @@ def register_profile(subparsers) -> None:
     stop.add_argument("--until-line", metavar="TEXT", help="stop once the start prints a line containing TEXT")
     stop.add_argument("--seconds", type=float, help="stop after N seconds")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    p.add_argument("--net-host", action="store_true", help="run the start in the host's network (to reach its services)")
     p.add_argument(
         "--address",
         help="containerd socket to use (its liftoff snapshotter must use the same store); "
@@ -148,6 +153,8 @@ def run_profile(args: argparse.Namespace) -> int:
             address=args.address,
             fused_socket=args.fused_socket,
             timeout=args.timeout,
+            relayout=not args.no_relayout,
+            net_host=args.net_host,
         )
     print(json.dumps(profile) if args.json else f"{args.image}: {summarize(profile)}")
     return 0

@@ -69,7 +69,13 @@ def _manifest_digest(image: str, plain_http: bool, docker_config: str | None, pl
 
 
 def run_container(
-    address: str, image: str, command: list[str], until_line: str | None, seconds: float | None, timeout: float
+    address: str,
+    image: str,
+    command: list[str],
+    until_line: str | None,
+    seconds: float | None,
+    timeout: float,
+    net_host: bool = False,
 ) -> tuple[str, str]:
     """Run the image once; returns (how it ended, its output)."""
     container = f"liftoff-profile-{uuid.uuid4().hex[:8]}"
@@ -83,6 +89,7 @@ def run_container(
         "--rm",
         "--snapshotter",
         "liftoff",
+        *(["--net-host"] if net_host else []),
         image,
         container,
         *command,
@@ -142,6 +149,7 @@ def record_profile(
     fused_socket: str = DEFAULT_FUSED_SOCKET,
     timeout: float = 600.0,
     relayout: bool = True,
+    net_host: bool = False,
 ) -> dict:
     """Record and store the startup profile of `image` (converted already); returns it."""
     if os.geteuid() != 0:
@@ -181,7 +189,7 @@ def record_profile(
         drop_caches()
         started = time.monotonic()
         try:
-            ended, output = run_container(address, image, list(command or []), until_line, seconds, timeout)
+            ended, output = run_container(address, image, list(command or []), until_line, seconds, timeout, net_host)
         finally:
             trace = fused.call("record-stop", view=view)["trace"]
         trace.update(command=list(command or []), ended=ended, seconds=round(time.monotonic() - started, 3), starts=1)

@@ -48,6 +48,7 @@ def __getattr__(name: str):
     globals()[name] = value
     return value
 
+
 __all__ = [
     "Checkpoint",
     "CheckpointFormatError",

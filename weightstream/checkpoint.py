@@ -55,6 +55,12 @@ def discover(location: Location) -> tuple[list[str], dict[str, str] | None, str 
         return sorted(set(weight_map.values())), weight_map, location.explicit
     if location.explicit:
         return [location.explicit], None, None
+    # The conventional names first: no listing needed (nor the permission to list, nor a server that can).
+    if location.exists(INDEX):
+        weight_map = parse_index(location.read_small(INDEX), location.url + INDEX)
+        return sorted(set(weight_map.values())), weight_map, INDEX
+    if location.exists(SINGLE):
+        return [SINGLE], None, None
     names = location.names()
     indexes = [n for n in names if n.endswith(".safetensors.index.json")]
     index = INDEX if INDEX in names else (indexes[0] if len(indexes) == 1 else None)

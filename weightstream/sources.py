@@ -40,6 +40,10 @@ class Location:
         """A small object's whole content (index, manifest)."""
         raise NotImplementedError
 
+    def exists(self, name: str) -> bool:
+        """Whether the object is there (no listing: works on servers and buckets that cannot list)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         self.reader.close()
 
@@ -66,6 +70,9 @@ class LocalLocation(Location):
             return sorted(e.name for e in os.scandir(self.root) if e.is_file())
         except OSError as e:
             raise FetchError(f"cannot list {self.url}: {e.strerror}") from None
+
+    def exists(self, name: str) -> bool:
+        return os.path.isfile(os.path.join(self.root, name))
 
     def read_small(self, name: str) -> bytes:
         path = os.path.join(self.root, name)
@@ -168,14 +175,31 @@ class S3Location(Location):
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
             ):
-                region = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
-                if region and self._region is None and region != self.client.meta.region_name and self._endpoint is None:
-                    self._region = region  # presigned URLs must be signed for the bucket's own region
-                    self.client = self._client(region)
+                self._learn_region(page)
                 names += [item["Key"][len(self.prefix) :] for item in page.get("Contents", [])]
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise self._fail("list", "", e) from None
         return sorted(n for n in names if n and "/" not in n)
+
+    def exists(self, name: str) -> bool:
+        import botocore.exceptions
+
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=self.prefix + name)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            error = self._fail("stat", name, e)
+            if isinstance(error, CheckpointNotFound) and "bucket" not in str(error):
+                return False
+            raise error from None
+        self._learn_region(response)
+        return True
+
+    def _learn_region(self, response: dict) -> None:
+        """Presigned URLs must be signed for the bucket's own region: take it from the response."""
+        region = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+        if region and self._region is None and region != self.client.meta.region_name and self._endpoint is None:
+            self._region = region
+            self.client = self._client(region)
 
     def read_small(self, name: str) -> bytes:
         import botocore.exceptions

@@ -89,7 +89,7 @@ def test_hostile_objects_in_s3_are_refused_before_any_data_is_read(s3_prefix, fa
         weightstream.open(s3_prefix.url(endpoint=fault_proxy.endpoint))
     assert f"s3://{s3_prefix.bucket}/{s3_prefix.prefix}model.safetensors: " in str(error.value)
     assert message in str(error.value)
-    assert fault_proxy.requests == 2  # the listing and the header probe: no data range was requested
+    assert fault_proxy.requests == 3  # two HEADs (index? single file?) and the header probe: no data range requested
 
 
 def test_truncated_shard_and_broken_index_are_refused(tmp_path, s3_prefix):
