@@ -44,6 +44,21 @@ def timed(argv: list[str], env: dict | None = None, cwd: str | None = None) -> T
     return Timed(elapsed, usage.ru_maxrss / 1024, b"".join(out).decode(errors="replace"))
 
 
+def drop_caches(keep_warm: tuple = ()) -> None:
+    """Drop the kernel's page, dentry and inode caches (a cold node), then read `keep_warm` back
+    in: the directories of the emulated remote servers (registry, store), which in reality serve
+    at network speed, not at this machine's disk speed."""
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+    for root in keep_warm:
+        for dirpath, _, filenames in os.walk(root):
+            for name in filenames:
+                with open(os.path.join(dirpath, name), "rb", buffering=0) as f:
+                    while f.read(1 << 22):
+                        pass
+
+
 def machine() -> str:
     """A one-line description of this machine."""
     cpu = "?"

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from benchmarks.benchlib import load_average, machine, table
+from benchmarks.benchlib import drop_caches, load_average, machine, table
 from benchmarks.build_images import ensure_images
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, Shaping, ShapingProxy
 from layerstore.localservices import (
@@ -53,12 +53,8 @@ COMMANDS = {
     "python": ["python3", "-c", "import sys, json, ssl; print(sys.version.split()[0])"],
 }
 BUCKET = "liftoff-bench"
+WARM: list[Path] = []  # the emulated remote servers' directories: kept in the page cache across runs
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3")
 
 
 def liftoff(*args: str) -> str:
@@ -92,7 +88,7 @@ class Results:
 def measure_overlayfs(ref: str, command: list[str], workdir: Path, registry_proxy: ShapingProxy) -> Sample:
     containerd = start_containerd(workdir / "containerd")
     try:
-        drop_caches()
+        drop_caches(WARM)
         before = registry_proxy.stats.bytes_down
         started = time.monotonic()
         containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
@@ -120,7 +116,7 @@ def measure_liftoff(
             workdir / "root", socket, workdir=workdir, log_level="info", extra_args=["--store", store, "--no-start-fused"]
         )
         containerd = start_containerd(workdir / "containerd", socket)
-        drop_caches()
+        drop_caches(WARM)
         registry_before, store_before = registry_proxy.stats.bytes_down, store_proxy.stats.bytes_down
         started = time.monotonic()
         liftoff("pull", ref, "--address", containerd.address, "--plain-http", "--snapshotter", "liftoff")
@@ -185,6 +181,7 @@ def main() -> None:
     os.environ.update(AWS)
     registry = start_registry(WORK / "registry")
     store_root = WORK / "store"
+    WARM[:] = [registry.root, store_root]
     nginx = start_nginx(store_root)
     report: dict = {"date": date.today().isoformat(), "machine": machine(), "runs": args.runs, "results": {}}
     try:

@@ -1,0 +1,107 @@
+"""Compaction policies on the same traffic traces: none, Ray Serve 2.60's rule, liftoff, the optimum.
+
+One command:
+
+    python -m benchmarks.compaction_sim                 # 5 seeds x 48 h, prints a markdown table
+    python -m benchmarks.compaction_sim --json out.json # also the raw numbers
+
+The cluster model, the traces and the policies live in `serve_integration/simulate.py` (also behind
+`liftoff compact simulate`); this script runs the standard scenario and formats the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS prints a debugging line from C++ now and then; keep stdout for the results."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def markdown(res: dict, wall_s: float) -> str:
+    from serve_integration.simulate import POLICIES
+
+    s = res["summary"]
+    lines = [
+        f"{len(res['seeds'])} seeds ({', '.join(map(str, res['seeds']))}) x {res['hours']:g} h at {res['step_s']:g} s steps, "
+        f"totals over all seeds ({wall_s:.0f} s wall):",
+        "",
+        "| policy | node-hours | dollars | saved vs none | migrations | nodes released by compaction "
+        "| migrations per node released | tokens per GPU-second | demand served |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in POLICIES:
+        r = res["totals"].get(name)
+        if r is None:
+            continue
+        lines.append(
+            f"| {name} | {r['node_hours']:.0f} | {r['dollars']:.0f} | {s['savings_vs_none'][name]:.0f} | {r['migrations']} "
+            f"| {r['nodes_released_by_compaction']} | {r['migrations_per_node_released']:.2f} | {r['tokens_per_gpu_second']:.0f} "
+            f"| {100 * r['served_fraction']:.1f}% |"
+        )
+    lines.append("")
+    lines.append("| seed | " + " | ".join(n for n in POLICIES if n in res["totals"]) + " |")
+    lines.append("|---|" + "---:|" * sum(1 for n in POLICIES if n in res["totals"]))
+    for r in res["per_seed"]:
+        cells = " | ".join(f"${r['runs'][n]['dollars']:.0f}" for n in POLICIES if n in r["runs"])
+        lines.append(f"| {r['seed']} | {cells} |")
+    ratio = s["liftoff_over_ray_savings"]
+    lines += [
+        "",
+        f"- liftoff saves {'infinitely many times (Ray saves nothing)' if math.isinf(ratio) else f'{ratio:.2f}x'} "
+        "the dollars Ray's rule saves (target >= 1.3x)",
+        f"- liftoff's dollars vs the optimum run: {100 * s['liftoff_dollars_over_optimum']:+.1f}% (target within 2%)",
+        f"- liftoff's dollars vs the per-step optimum of its own cluster: {100 * s['liftoff_dollars_over_own_bound']:+.1f}%",
+    ]
+    if "advice_dollars_over_optimum" in s:
+        lines.append(
+            f"- liftoff with the autoscaler following its node-swap advice: {100 * s['advice_dollars_over_optimum']:+.1f}% "
+            "vs the optimum run"
+        )
+    for k, v in s["targets"].items():
+        lines.append(f"- {'met' if v else 'MISSED'}: {k}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from serve_integration.simulate import format_results, run_seeds
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="1,2,3,4,5")
+    ap.add_argument("--hours", type=float, default=48.0)
+    ap.add_argument("--step", type=float, default=60.0)
+    ap.add_argument("--no-advice", action="store_true", help="skip the run where the autoscaler follows node-swap advice")
+    ap.add_argument("--json", metavar="PATH", help="write the raw results here")
+    ap.add_argument("--text", action="store_true", help="plain table instead of markdown")
+    args = ap.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    started = time.perf_counter()
+    with _quiet_stdout():
+        res = run_seeds(seeds, hours=args.hours, step_s=args.step, advice=not args.no_advice)
+    wall = time.perf_counter() - started
+    print(format_results(res) if args.text else markdown(res, wall))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isinf(o) else str(o))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
