@@ -65,7 +65,9 @@ def register(subparsers) -> None:
     p.add_argument("--once", action="store_true", help="stop after the first plan is executed (or found empty)")
     p.add_argument("--dry-run", action="store_true", help="plan in the loop but never drain")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between steps (default 30)")
-    p.add_argument("--stability-window", type=float, default=300.0, help="calm seconds after a scaling event before planning")
+    p.add_argument(
+        "--stability-window", type=float, default=120.0, help="calm seconds after a scaling event before planning (default 120)"
+    )
     p.add_argument("--backoff", type=float, default=60.0, help="first backoff after a failure, doubled each time (default 60)")
     p.add_argument("--provider", default="ray", help="who releases emptied nodes: ray (autoscaler), kuberay, command")
     p.add_argument("--release-command", help="for --provider command: e.g. 'my-cloud delete {node_id} {address}'")
@@ -90,7 +92,8 @@ def register(subparsers) -> None:
     p = sub.add_parser("simulate", help="replay traffic traces against policies: none, Ray's rule, liftoff, the optimum")
     p.add_argument("--hours", type=float, default=48.0, help="trace length (default 48)")
     p.add_argument("--step", type=float, default=60.0, help="seconds per simulated step (default 60)")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated trace seeds (default 1,2,3)")
+    p.add_argument("--no-advice", action="store_true", help="skip the run where the autoscaler follows node-swap advice")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run_simulate)
 
@@ -243,8 +246,8 @@ def run_loop(args: argparse.Namespace) -> int:
     from serve_integration.metrics import Metrics
     from serve_integration.providers import make_provider
 
+    provider = make_provider(args.provider, args)  # a bad provider is an error before we touch the cluster
     cluster = _connect(args)
-    provider = make_provider(args.provider, args)
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
@@ -276,9 +279,13 @@ def run_loop(args: argparse.Namespace) -> int:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from serve_integration.simulate import default_scenario, format_results, run_all
+    from serve_integration.simulate import format_results, run_seeds
 
-    results = run_all(default_scenario(hours=args.hours, step_s=args.step, seed=args.seed))
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise LiftoffError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    results = run_seeds(seeds, hours=args.hours, step_s=args.step, advice=not args.no_advice)
     if args.json:
         print(json.dumps(results, indent=1))
     else:

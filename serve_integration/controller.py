@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ControllerConfig:
     interval_s: float = 30.0
-    stability_window_s: float = 300.0
+    stability_window_s: float = 120.0
     backoff_initial_s: float = 60.0
     backoff_max_s: float = 3600.0
     dry_run: bool = False
