@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -57,6 +59,28 @@ def drop_caches(keep_warm: tuple = ()) -> None:
                 with open(os.path.join(dirpath, name), "rb", buffering=0) as f:
                     while f.read(1 << 22):
                         pass
+
+
+@contextlib.contextmanager
+def liftoff_node(workdir: Path, store: str):
+    """A fresh node: the FUSE daemon, the liftoff snapshotter and containerd using it (stopped afterwards)."""
+    from layerstore.localservices import start_containerd, start_fused, start_snapshotter
+
+    socket = workdir / "run" / "snapshotter.sock"
+    fused = start_fused(workdir / "root" / "remote", ["--store", store], workdir=workdir)
+    snapshotter = containerd = None
+    try:
+        snapshotter = start_snapshotter(
+            workdir / "root", socket, workdir=workdir, log_level="info", extra_args=["--store", store, "--no-start-fused"]
+        )
+        containerd = start_containerd(workdir / "containerd", socket)
+        yield containerd
+    finally:
+        if containerd:
+            containerd.stop()
+        if snapshotter:
+            snapshotter.stop()
+        fused.stop()
 
 
 def machine() -> str:

@@ -95,9 +95,9 @@ def clean_apt(root: Path) -> None:
                 os.remove(path)
 
 
-def build(out: Path) -> None:
-    wheels = Path(tempfile.mkdtemp(prefix="liftoff-wheels-"))
-    # Download on the host with its pip configuration; install offline inside the image.
+def download_wheels(directory: Path, *requirements: str) -> None:
+    """Wheels for the image's Python (CPython 3.11, x86_64 Linux), fetched on the host with its pip configuration."""
+    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64") for a in ("--platform", p)]
     run(
         sys.executable,
         "-m",
@@ -107,13 +107,17 @@ def build(out: Path) -> None:
         "--only-binary=:all:",
         "--python-version",
         "3.11",
-        "--platform",
-        "manylinux_2_28_x86_64",
+        *platforms,
         "-d",
-        str(wheels),
-        "torch==2.13.0",
-        "numpy==2.3.5",
+        str(directory),
+        *requirements,
     )
+
+
+def build(out: Path) -> None:
+    wheels = Path(tempfile.mkdtemp(prefix="liftoff-wheels-"))
+    # Download on the host with its pip configuration; install offline inside the image.
+    download_wheels(wheels, "torch==2.13.0", "numpy==2.3.5")
     layout = out.with_suffix(".building")
     shutil.rmtree(layout, ignore_errors=True)
     bundle = Path(tempfile.mkdtemp(prefix="liftoff-bundle-", dir="/var/tmp"))

@@ -34,16 +34,14 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from benchmarks.benchlib import drop_caches, load_average, machine, table
+from benchmarks.benchlib import drop_caches, liftoff_node, load_average, machine, table
 from benchmarks.build_images import ensure_images
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, Shaping, ShapingProxy
 from layerstore.localservices import (
     push_layout,
     start_containerd,
-    start_fused,
     start_nginx,
     start_registry,
-    start_snapshotter,
 )
 
 WORK = Path("/var/tmp/liftoff-bench/coldstart")
@@ -108,14 +106,7 @@ def measure_overlayfs(ref: str, command: list[str], workdir: Path, registry_prox
 def measure_liftoff(
     ref: str, command: list[str], workdir: Path, store: str, registry_proxy: ShapingProxy, store_proxy: ShapingProxy
 ) -> Sample:
-    socket = workdir / "run" / "snapshotter.sock"
-    fused = start_fused(workdir / "root" / "remote", ["--store", store], workdir=workdir)
-    snapshotter = containerd = None
-    try:
-        snapshotter = start_snapshotter(
-            workdir / "root", socket, workdir=workdir, log_level="info", extra_args=["--store", store, "--no-start-fused"]
-        )
-        containerd = start_containerd(workdir / "containerd", socket)
+    with liftoff_node(workdir, store) as containerd:
         drop_caches(WARM)
         registry_before, store_before = registry_proxy.stats.bytes_down, store_proxy.stats.bytes_down
         started = time.monotonic()
@@ -130,12 +121,6 @@ def measure_liftoff(
         containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-warm", *command)
         warm = time.monotonic() - started
         return Sample(pull, run, warm, registry_bytes, store_bytes)
-    finally:
-        if containerd:
-            containerd.stop()
-        if snapshotter:
-            snapshotter.stop()
-        fused.stop()
 
 
 def prepare(layout: Path, images: list[str], registry, root: Path) -> dict[str, dict]:

@@ -36,17 +36,15 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
-from benchmarks.benchlib import drop_caches, load_average, machine, table
-from benchmarks.build_images import Chroot, ensure_images, run
+from benchmarks.benchlib import drop_caches, liftoff_node, load_average, machine, table
+from benchmarks.build_images import Chroot, download_wheels, ensure_images, run
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ShapingProxy
 from layerstore.localservices import (
     free_port,
     push_layout,
     start_containerd,
-    start_fused,
     start_nginx,
     start_registry,
-    start_snapshotter,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,25 +85,7 @@ def ensure_server_image(base: Path) -> tuple[Path, str]:
     wheels = Path(WORK.parent / "server-wheels")
     shutil.rmtree(wheels, ignore_errors=True)
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT))
-    run(
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "-q",
-        "--only-binary=:all:",
-        "--python-version",
-        "3.11",
-        "--platform",
-        "manylinux_2_28_x86_64",
-        "--platform",
-        "manylinux_2_17_x86_64",
-        "--platform",
-        "manylinux2014_x86_64",
-        "-d",
-        str(wheels),
-        *SERVER_DEPS,
-    )
+    download_wheels(wheels, *SERVER_DEPS)
     bundle = WORK.parent / "server-bundle"
     shutil.rmtree(bundle, ignore_errors=True)
     run("umoci", "unpack", "--image", f"{layout}:torch", str(bundle))
@@ -238,14 +218,7 @@ def run_baseline(base: Path, ref: str, model_url: str) -> Sample:
 
 
 def run_liftoff(base: Path, ref: str, store: str, model_url: str) -> Sample:
-    socket = base / "run" / "snapshotter.sock"
-    fused = start_fused(base / "root" / "remote", ["--store", store], workdir=base)
-    snapshotter = containerd = None
-    try:
-        snapshotter = start_snapshotter(
-            base / "root", socket, workdir=base, log_level="info", extra_args=["--store", store, "--no-start-fused"]
-        )
-        containerd = start_containerd(base / "containerd", socket)
+    with liftoff_node(base, store) as containerd:
         drop_caches(WARM)
         return replica(
             containerd,
@@ -255,12 +228,6 @@ def run_liftoff(base: Path, ref: str, store: str, model_url: str) -> Sample:
             "weightstream",
             lambda: liftoff("pull", ref, "--address", containerd.address, "--plain-http"),
         )
-    finally:
-        if containerd:
-            containerd.stop()
-        if snapshotter:
-            snapshotter.stop()
-        fused.stop()
 
 
 # -- Ray Serve autoscaling ---------------------------------------------------------------------------------

@@ -15,38 +15,19 @@ index still works (old chunks are never deleted); the layer's content is unchang
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from concurrent.futures import Future
 
 from converter.upload import ChunkInfo, ChunkUploader
-from layerstore.catalog import load_index
+from layerstore.catalog import ChunkReader, load_index
 from layerstore.errors import FormatError
-from layerstore.index import decompress_chunk, encode_index
-from layerstore.layout import chunk_key, layer_index_key
+from layerstore.index import encode_index
+from layerstore.layout import layer_index_key
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
 from layerstore.records import ImageRecord
 from layerstore.stores import Store, StoreChain
 
 log = logging.getLogger(__name__)
 ALIGN = 4096  # hot segments are widened to page boundaries: the kernel reads whole pages
-
-
-class _Chunks:
-    """Original chunks of one layer, decompressed on demand (a small LRU)."""
-
-    def __init__(self, stores: StoreChain, index: pb.LayerIndex, keep: int = 16) -> None:
-        self.stores, self.index, self.keep = stores, index, keep
-        self.cache: OrderedDict[int, bytes] = OrderedDict()
-
-    def __call__(self, number: int) -> bytes:
-        data = self.cache.get(number)
-        if data is None:
-            chunk = self.index.chunks[number]
-            key = chunk_key(chunk.sha256)
-            data = self.cache[number] = decompress_chunk(self.stores.get(key), chunk.sha256, chunk.size, key)
-            if len(self.cache) > self.keep:
-                self.cache.popitem(last=False)
-        return data
 
 
 def _slice(extents, start: int, end: int) -> list[tuple[int, int, int]]:
@@ -80,7 +61,7 @@ def relayout_layer(
     chunks; uploads those chunks and returns them in order. The index is not written here."""
     chunk_size = index.chunk_size or (1 << 20)
     entries = {e.path: e for e in index.entries if e.type == pb.ENTRY_TYPE_REGULAR}
-    read = _Chunks(StoreChain(stores), index)
+    read = ChunkReader(StoreChain(stores), index)
     futures: list[Future[ChunkInfo]] = []
     pack = bytearray()
     plans: dict[bytes, list[tuple[bool, int, int, int]]] = {}  # path -> (hot?, chunk or hot number, offset, length)

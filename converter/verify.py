@@ -4,13 +4,12 @@ and (with a source) every entry equals the original layer's, byte for byte."""
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from converter.layer import LayerSpec
 from converter.streams import READ_SIZE, HashingReader, decompressing_reader
-from layerstore.catalog import find_image, image_records, load_index
+from layerstore.catalog import ChunkReader, find_image, image_records, load_index
 from layerstore.errors import LiftoffError
 from layerstore.index import decompress_chunk, tar_name
 from layerstore.layout import chain_key, chunk_key
@@ -75,33 +74,12 @@ def _check_chain(stores: StoreChain, chain_id: str, layer_digest: str, where: st
     return []
 
 
-class _ChunkReader:
-    """Uncompressed chunks by table index, with a small LRU (packed chunks are read in runs)."""
-
-    def __init__(self, stores: StoreChain, index: pb.LayerIndex, keep: int = 64) -> None:
-        self.stores, self.index, self.keep = stores, index, keep
-        self.cache: OrderedDict[int, bytes] = OrderedDict()
-
-    def __call__(self, number: int) -> bytes:
-        data = self.cache.get(number)
-        if data is None:
-            chunk = self.index.chunks[number]
-            key = chunk_key(chunk.sha256)
-            data = decompress_chunk(self.stores.get(key), chunk.sha256, chunk.size, key)
-            self.cache[number] = data
-            if len(self.cache) > self.keep:
-                self.cache.popitem(last=False)
-        else:
-            self.cache.move_to_end(number)
-        return data
-
-
 _FIELDS = ("type", "mode", "uid", "gid", "uname", "gname", "size", "mtime_ns", "link_target", "dev_major", "dev_minor")
 
 
 def _compare_source(stores: StoreChain, index: pb.LayerIndex, source: ImageSource, layer, where: str) -> list[str]:
     spec = LayerSpec(layer.digest, layer.size, layer.media_type, layer.diff_id)
-    chunk = _ChunkReader(stores, index)
+    chunk = ChunkReader(stores, index, keep=64)
     problems: list[str] = []
     with source.open_blob(spec.digest) as blob:
         compressed = HashingReader(blob)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from layerstore.errors import FormatError, LiftoffError, ObjectNotFound
-from layerstore.index import decode_index
-from layerstore.layout import IMAGES, digest_from_key, image_key, layer_index_key
+from layerstore.index import decode_index, decompress_chunk
+from layerstore.layout import IMAGES, chunk_key, digest_from_key, image_key, layer_index_key
 from layerstore.oci.reference import parse_reference
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
 from layerstore.records import ImageRecord, IndexRecord, parse_image_key_record
@@ -93,3 +94,24 @@ def set_profile(stores: list[Store], digest: str, profile: dict | None) -> int:
     if not written:
         raise ObjectNotFound(f"no image {digest} in {', '.join(s.url for s in stores)}: convert it first")
     return written
+
+
+class ChunkReader:
+    """A layer's chunks by table number, fetched, verified and decompressed on demand, with a
+    small LRU (packed chunks are read in runs). For tools that read whole layers (verify, relayout)."""
+
+    def __init__(self, stores: Store | StoreChain, index: pb.LayerIndex, keep: int = 32) -> None:
+        self.stores, self.index, self.keep = _chain(stores), index, keep
+        self.cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def __call__(self, number: int) -> bytes:
+        data = self.cache.get(number)
+        if data is None:
+            chunk = self.index.chunks[number]
+            key = chunk_key(chunk.sha256)
+            data = self.cache[number] = decompress_chunk(self.stores.get(key), chunk.sha256, chunk.size, key)
+            if len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(number)
+        return data
