@@ -77,7 +77,10 @@ def test_plan_cli_drains_the_expensive_nodes(live):
 
 
 def test_compact_run_empties_the_expensive_nodes_with_no_failed_request(live, tmp_path):
+    from serve_integration.cluster import RayCluster
+
     before = live.load.ok
+    start = RayCluster(live.address).snapshot()
     provider = ClusterUtilsProvider(live.cluster)
     register_provider("test-cluster-utils", lambda args: provider)
     state_file = tmp_path / "inflight.json"
@@ -96,6 +99,17 @@ def test_compact_run_empties_the_expensive_nodes_with_no_failed_request(live, tm
     assert set(live.placement()) <= {"l1", "l2"}
     assert not state_file.exists()
     time.sleep(1.0)
+    end = RayCluster(live.address).snapshot()
+    result = {
+        "cost_before": start.cost_per_hour(),
+        "cost_after": end.cost_per_hour(),
+        "released": sorted(live.name_of(n) for n in provider.released),
+        "migrations": len({r.replica_id for r in end.replicas} - {r.replica_id for r in start.replicas}),
+        "requests_ok": live.load.ok,
+        "requests_failed": live.load.failed,
+    }
+    print("LIFTOFF-RUN " + json.dumps(result))
+    assert end.cost_per_hour() == pytest.approx(4.5)
     assert live.load.failed == 0, live.load.errors[:5]
     assert live.load.ok > before
     assert all(live.load.per_route.get(r, 0) > 0 for r in ("/chat", "/embed", "/big"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import requests
 
 from serve_integration.cluster import ClusterError, Pricing
 from serve_integration.controller import decide, signature
@@ -16,6 +17,7 @@ from serve_integration.providers import CommandProvider, kuberay_scale_down, mak
 from serve_integration.simulate import default_scenario, demand_traces, run_all
 from serve_integration.state import FileStore, Journal
 from tests.compaction.builders import toy
+from tests.compaction.livecluster import free_port
 from tests.conftest import ROOT, run_cli
 
 
@@ -122,6 +124,10 @@ def test_render_plan_and_metrics():
     m.failures.labels("abort").inc()
     assert m.value("liftoff_compaction_nodes_released_total") == 2
     assert m.value("liftoff_compaction_failures_total", {"reason": "abort"}) == 1
+    port = free_port()
+    m.serve(port, addr="127.0.0.1")
+    body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert "liftoff_compaction_nodes_released_total 2.0" in body
 
 
 def test_traces_are_seeded_and_shaped():
