@@ -86,6 +86,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--release-timeout", type=float, default=300.0, help="seconds an emptied node may take to leave")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between checks while a wave migrates")
+    p.add_argument(
+        "--act-on-advice",
+        action="store_true",
+        help="pass node-swap advice (needs --node-types) to the autoscaler with request_resources, then drain onto the new nodes",
+    )
     p.add_argument("--json", action="store_true", help="print each step as one JSON line")
     p.set_defaults(run=run_loop)
 
@@ -155,6 +160,7 @@ def _config(args: argparse.Namespace):
         time_limit_s=args.time_limit,
         node_types=_node_types(args.node_types),
         min_graceful_shutdown_s=args.min_graceful_shutdown,
+        act_on_advice=getattr(args, "act_on_advice", False),
         executor=ExecutorConfig(
             replica_start_timeout_s=getattr(args, "replica_start_timeout", 600.0),
             unhealthy_grace_s=getattr(args, "unhealthy_grace", 60.0),
@@ -246,6 +252,8 @@ def run_loop(args: argparse.Namespace) -> int:
     from serve_integration.metrics import Metrics
     from serve_integration.providers import make_provider
 
+    if args.act_on_advice and not args.node_types:
+        raise LiftoffError("--act-on-advice needs --node-types FILE: the node types the autoscaler can launch, with prices")
     provider = make_provider(args.provider, args)  # a bad provider is an error before we touch the cluster
     cluster = _connect(args)
     metrics = Metrics()
@@ -269,7 +277,7 @@ def run_loop(args: argparse.Namespace) -> int:
                 f"saves ${o.savings_per_hour:.2f}/h. {o.reason}".rstrip(),
                 flush=True,
             )
-        elif step.action in ("error", "planned"):
+        elif step.action in ("error", "planned", "advised"):
             print(f"{step.action}: {step.reason}", flush=True)
 
     result = controller.run(once=args.once, on_step=report)

@@ -42,11 +42,15 @@ class ControllerConfig:
     node_types: tuple[NodeType, ...] = ()
     min_graceful_shutdown_s: float = 60.0
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    # Pass node-swap advice on to the autoscaler (ray.autoscaler.sdk.request_resources); the next plans
+    # then drain the replaced nodes onto the new ones. Off: advice is only reported.
+    act_on_advice: bool = False
+    advice_timeout_s: float = 900.0
 
 
 @dataclass
 class StepResult:
-    action: str  # waiting | planned | executed | recovered | error
+    action: str  # waiting | planned | advised | executed | recovered | error
     reason: str = ""
     plan: Plan | None = None
     outcome: Outcome | None = None
@@ -105,6 +109,7 @@ class Controller:
         self.backoff_until = 0.0
         self.recovered = False
         self.last: StepResult | None = None
+        self.advice_requested_at: float | None = None
 
     def _on_wave(self, wave: WaveOutcome) -> None:
         if wave.ok:
@@ -182,12 +187,20 @@ class Controller:
                 self.last = StepResult("waiting", reason)
                 return self.last
             p = self.plan_now(state)
+            self._expire_advice()
+            wants_nodes = p.empty and p.advice and self.config.act_on_advice and not self.config.dry_run
+            if wants_nodes and self.advice_requested_at is None:
+                self.request_nodes(p)
+                self.last = StepResult("advised", p.advice[0].text, plan=p, state=state)
+                return self.last
             if p.empty or self.config.dry_run:
                 self.metrics.plans.labels("empty" if p.empty else "dry_run").inc()
                 self.last = StepResult("planned", "dry run" if self.config.dry_run else "; ".join(p.notes), plan=p, state=state)
                 return self.last
             outcome = self.executor.execute(p, state)
             self.metrics.plans.labels(outcome.status).inc()
+            if self.advice_requested_at is not None:
+                self.clear_request()  # the new nodes, if they came, are in use now
             if outcome.status == "aborted":
                 self._failed(outcome.reason)
             elif outcome.released:
@@ -200,6 +213,34 @@ class Controller:
             self._failed(str(e))
             self.last = StepResult("error", str(e))
             return self.last
+
+    def request_nodes(self, p: Plan) -> None:
+        """Ask the autoscaler for the node types the advice names (label selectors pin the type)."""
+        from ray.autoscaler.sdk import request_resources
+
+        types = {t.name: t for t in self.config.node_types}
+        bundles, selectors = [], []
+        for name, k in sorted(p.advice[0].launch.items()):
+            t = types[name]
+            for _ in range(k):
+                bundles.append(dict(t.resources))
+                selectors.append(dict(t.labels) or {"ray.io/node-group": name})
+        request_resources(bundles=bundles, bundle_label_selectors=selectors)
+        self.advice_requested_at = self.clock()
+        log.info("asked the autoscaler for %s", ", ".join(f"{k} x {n}" for n, k in sorted(p.advice[0].launch.items())))
+
+    def clear_request(self) -> None:
+        """Withdraw the standing request_resources call."""
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
+        self.advice_requested_at = None
+
+    def _expire_advice(self) -> None:
+        waited = self.clock() - self.advice_requested_at if self.advice_requested_at is not None else 0.0
+        if waited > self.config.advice_timeout_s:
+            log.warning("the autoscaler did not act on the node-swap advice within %.0fs; withdrawing it", waited)
+            self.clear_request()
 
     def run(
         self, once: bool = False, stop: threading.Event | None = None, on_step: Callable[[StepResult], None] | None = None

@@ -232,6 +232,28 @@ def test_controller_killed_mid_plan_resumes_after_restart(live, tmp_path):
     live.cluster.remove_node(live.nodes["y1"])  # the raylet exited on its own; clean up after it
 
 
+def test_node_swap_advice_reaches_the_autoscaler(live, tmp_path):
+    """With --act-on-advice, advice becomes a request_resources call with the node type's label selector."""
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from serve_integration.planner import NodeType
+
+    ctl = _controller(live, ClusterUtilsProvider(live.cluster), tmp_path / "state.json")
+    big = NodeType("l4x8", {"GPU": 8.0, "CPU": 1.0}, 1.0, {"ray.io/node-group": "l4x8"})
+    ctl.config.node_types = (big,)
+    ctl.config.act_on_advice = True
+    step = ctl.step()
+    assert step.action == "advised", step.reason
+    assert step.plan.empty and step.plan.advice[0].launch == {"l4x8": 2}  # two, for chat's one-per-node limit
+    assert not is_autoscaler_v2()  # no autoscaler runs here: Ray uses the v1 channel in the GCS KV
+    assert json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)) == [big.resources, big.resources]
+    assert ctl.step().action == "planned"  # one request at a time while the nodes boot
+    ctl.clear_request()
+    assert json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)) == []
+
+
 def test_controller_runs_as_a_ray_actor(live):
     from serve_integration.controller import ControllerConfig, start_actor
 
