@@ -24,8 +24,12 @@ def encode_index(index: pb.LayerIndex, level: int = 9) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
 
 
-def decode_index(data: bytes, where: str = "index") -> pb.LayerIndex:
-    """Parse stored index bytes; FormatError if truncated, corrupt or of an unknown major version."""
+def decode_index(data: bytes, where: str = "index", check_extents: bool = True) -> pb.LayerIndex:
+    """Parse stored index bytes; FormatError if truncated, corrupt or of an unknown major version.
+
+    `check_extents` also checks that every extent lies inside its chunk (a pass over every entry):
+    whoever serves file data from the index must; a caller that only needs its metadata may skip it.
+    """
     try:
         raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_INDEX_BYTES)
     except zstandard.ZstdError as e:
@@ -40,7 +44,7 @@ def decode_index(data: bytes, where: str = "index") -> pb.LayerIndex:
             f"{where}: index format {index.format_major}.{index.format_minor} is not supported by this "
             f"liftoff (reads {FORMAT_MAJOR}.x); upgrade liftoff, or use an ordinary pull"
         )
-    for entry in index.entries:
+    for entry in index.entries if check_extents else ():
         for extent in entry.extents:
             if extent.chunk >= len(index.chunks) or extent.offset + extent.length > index.chunks[extent.chunk].size:
                 raise FormatError(f"{where}: entry {entry.path!r} points outside its chunks; the index is corrupt")
