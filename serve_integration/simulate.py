@@ -749,7 +749,8 @@ def format_results(res: dict) -> str:
         )
     )
     ratio = s["liftoff_over_ray_savings"]
-    out.append(f"liftoff saves {'inf' if math.isinf(ratio) else f'{ratio:.2f}'}x the dollars Ray's rule saves")
+    said = "money while Ray's rule saves none" if math.isinf(ratio) else f"{ratio:.2f}x the dollars Ray's rule saves"
+    out.append(f"liftoff saves {said}")
     out.append(
         f"liftoff $ vs the optimum run: {100 * s['liftoff_dollars_over_optimum']:+.1f}%; "
         f"vs the per-step optimum of its own cluster: {100 * s['liftoff_dollars_over_own_bound']:+.1f}%"
