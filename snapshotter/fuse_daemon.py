@@ -77,8 +77,9 @@ class IndexDir:
         return self.path(digest).exists()
 
     def put(self, digest: str, data: bytes) -> None:
+        """Write an index atomically (concurrent writers of the same index each use their own temp file)."""
         target = self.path(digest)
-        tmp = target.with_name(target.name + ".tmp")
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         tmp.write_bytes(data)
         os.rename(tmp, target)
 
@@ -309,7 +310,7 @@ class FuseDaemon:
                 keep.update(chunk.sha256 for chunk in self.indexes.load(digest).chunks)
         removed = self.cache.retain(keep)
         for path in self.indexes.root.iterdir():
-            if "sha256:" + path.name not in layers and not path.name.endswith(".tmp"):
+            if "sha256:" + path.name not in layers and ".tmp-" not in path.name:
                 path.unlink(missing_ok=True)
         if removed:
             log.info("released %d cached chunks of removed layers", removed)
