@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     state["loaded_at"] = time.time()
     state["load_seconds"] = round(state["loaded_at"] - state["imported_at"], 3)
     state["ready"] = True
+    print(f"ready: loaded with {args.loader} in {state['load_seconds']} s", flush=True)
     threading.Event().wait()
     return 0
 
