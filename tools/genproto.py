@@ -41,7 +41,8 @@ def generate(out: Path) -> None:
     if has_services and protoc.main(["protoc", *includes, f"--grpc_python_out={out}", *has_services]) != 0:
         raise SystemExit("protoc (grpc) failed")
     top_packages = {Path(p).parts[0] for p in protos}
-    pattern = re.compile(r"^(from|import) (%s)\b" % "|".join(map(re.escape, top_packages)), re.M)
+    alternatives = "|".join(map(re.escape, top_packages))
+    pattern = re.compile(rf"^(from|import) ({alternatives})\b", re.M)
     for path in out.rglob("*.py*"):
         text = pattern.sub(lambda m: f"{m.group(1)} {PREFIX}.{m.group(2)}", path.read_text())
         path.write_text(HEADER + text if path.suffix == ".py" else text)
