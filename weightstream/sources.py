@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from abc import ABC, abstractmethod
 from urllib.parse import parse_qs, urlsplit
 
 from weightstream.errors import CheckpointNotFound, FetchError
@@ -22,27 +23,30 @@ SMALL_LIMIT = 100_000_000  # index and manifest files are read whole; refuse any
 PRESIGN_SECONDS = 3600
 
 
-class Location:
+class Location(ABC):
     """A directory of objects; `explicit` is set when the URL named one object in it."""
 
     url: str
     explicit: str | None
     reader: HttpRangeReader | LocalRangeReader
 
-    def ref(self, name: str) -> ObjectRef:
-        raise NotImplementedError
+    @abstractmethod
+    def ref(self, name: str) -> ObjectRef: ...
 
+    @abstractmethod
     def names(self) -> list[str]:
         """Objects directly under this location (no recursion)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read_small(self, name: str) -> bytes:
         """A small object's whole content (index, manifest)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def exists(self, name: str) -> bool:
         """Whether the object is there (no listing: works on servers and buckets that cannot list)."""
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
         self.reader.close()
