@@ -120,8 +120,9 @@ def ensure_server_image(base: Path) -> tuple[Path, str]:
 class Sample:
     pull: float
     start: float  # container created -> server process running
-    imports: float  # the server's imports (python, torch, the loader)
+    imports: float  # the server's imports (torch, the loader's libraries)
     load: float  # weights loaded (download + load, or streamed)
+    warmup: float  # one warm-up generation before the server says it is ready
     respond: float  # ready -> first response
     total: float
 
@@ -184,6 +185,7 @@ def replica(containerd, ref: str, snapshotter: str, model_url: str, loader: str,
         start=max(0.0, start),
         imports=health["imported_at"] - health["started_at"],
         load=health["loaded_at"] - health["imported_at"],
+        warmup=health["warmed_at"] - health["loaded_at"],
         respond=done - ready,
         total=done - started,
     )
@@ -397,15 +399,15 @@ def print_table(setting: str, samples: dict[str, list[Sample]], model_bytes: int
                 med([x.start for x in s]),
                 med([x.imports for x in s]),
                 med([x.load for x in s]),
+                med([x.warmup for x in s]),
                 med([x.respond for x in s]),
                 med([x.total for x in s]),
             ]
         )
     ratio = statistics.median(x.total for x in samples["baseline"]) / statistics.median(x.total for x in samples["liftoff"])
     print(f"\n{setting}: model {model_bytes / 1e9:.2f} GB")
-    print(
-        table(["replica", "pull s", "container start s", "imports s", "weight load s", "first response s", "end to end s"], rows)
-    )
+    headers = ["replica", "pull s", "container start s", "imports s", "weight load s", "warm-up s", "first response s"]
+    print(table([*headers, "end to end s"], rows))
     print(f"end to end: {ratio:.1f}x faster", flush=True)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 import urllib.request
 
 import pytest
@@ -81,3 +84,29 @@ def test_serve_replica_answers_with_the_model(serve_port, model_url, loader):
     assert answer["text"] == reference.generate("liftoff", 12)
     assert answer["replica"]["loader"] == loader and answer["replica"]["load_seconds"] > 0
     serve.delete(f"tiny-{loader}")
+
+
+def test_container_server_answers_once_loaded_and_warm(model_url):
+    """The benchmark's in-container server: a ready line on stdout once the weights are in and one
+    generation ran, health timings in that order, and the model's own answer."""
+    url, reference = model_url
+    port = free_port()
+    argv = [sys.executable, "-m", "serve_integration.server", "--model-url", url, "--port", str(port)]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        ready_line = server.stdout.readline()
+        assert ready_line.startswith("ready: loaded with weightstream"), ready_line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            health = json.loads(response.read())
+        assert health["ready"] is True
+        assert health["started_at"] <= health["imported_at"] <= health["loaded_at"] <= health["warmed_at"] <= time.time()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/generate",
+            method="POST",
+            data=json.dumps({"prompt": "liftoff", "max_new_tokens": 12}).encode(),
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["text"] == reference.generate("liftoff", 12)
+    finally:
+        server.kill()
+        server.wait()
