@@ -8,12 +8,14 @@ store through weightstream (or, to compare, are downloaded to disk and then load
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,35 +25,56 @@ log = logging.getLogger(__name__)
 LOADERS = ("weightstream", "download")
 
 
-def _meta_model(config_text: str):
-    """The model with its parameters allocated (uninitialized: the loader fills every byte)."""
+# What torch.nn layers call from reset_parameters(); no-ops while an empty model is built.
+_INITIALIZERS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+)
+
+
+@contextlib.contextmanager
+def _initializers_skipped() -> Iterator[None]:
+    """torch.nn.init's initializers do nothing inside (the loader overwrites every byte). Even on the meta
+    device they cost: the first `normal_` there imports torch's Python decompositions (sympy and ~800 modules,
+    1-1.7 s of a replica's start). Process-global: build models from one thread at a time."""
+    import torch
+
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALIZERS}
+    try:
+        for name in _INITIALIZERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def empty_model(config_text: str):
+    """TinyLM with its parameters allocated and uninitialized (the loader fills every byte)."""
     import torch
 
     from serve_integration.tinylm import TinyConfig, TinyLM
 
-    with torch.device("meta"):
+    with _initializers_skipped(), torch.device("meta"):
         model = TinyLM(TinyConfig.from_json(config_text))
     return model.to_empty(device="cpu").eval()
-
-
-def read_config(model_url: str) -> str:
-    """The checkpoint's config.json."""
-    import weightstream.sources as sources
-    from weightstream.options import StreamOptions
-
-    location = sources.open_location(model_url, StreamOptions())
-    try:
-        return location.read_small("config.json").decode()
-    finally:
-        location.close()
 
 
 def load_streaming(model_url: str):
     """TinyLM with its weights streamed straight into its parameters (no disk)."""
     import weightstream
 
-    model = _meta_model(read_config(model_url))
-    weightstream.load_into(model, model_url, strict=True)
+    with weightstream.open(model_url) as checkpoint:
+        model = empty_model(checkpoint.location.read_small("config.json").decode())
+        weightstream.load_into(model, checkpoint, strict=True)
     return model
 
 
@@ -83,7 +106,7 @@ def load_downloading(model_url: str):
             files = ["model.safetensors"]
         for name in ["config.json", *files]:
             client.download_file(parts.netloc, prefix + name, os.path.join(directory, name))
-        model = _meta_model(Path(directory, "config.json").read_text())
+        model = empty_model(Path(directory, "config.json").read_text())
         state = {}
         for name in files:
             state.update(load_file(os.path.join(directory, name)))

@@ -14,8 +14,8 @@ import pytest
 
 from layerstore.localservices import free_port
 from serve_integration.replica import ReplicaOptions
-from serve_integration.tinylm import TinyConfig, save_checkpoint
-from serve_integration.twin import build_twin_app, load_downloading, load_streaming
+from serve_integration.tinylm import TinyConfig, TinyLM, save_checkpoint
+from serve_integration.twin import build_twin_app, empty_model, load_downloading, load_streaming
 
 CONFIG = TinyConfig(dim=64, layers=2, heads=4, context=64)
 
@@ -37,6 +37,19 @@ def test_both_loaders_give_the_reference_model(model_url):
     expected = reference.generate("liftoff", 12)
     assert load_streaming(url).generate("liftoff", 12) == expected
     assert load_downloading(url).generate("liftoff", 12) == expected
+
+
+def test_empty_model_runs_no_initializer_and_restores_them():
+    import torch
+
+    before = torch.nn.init.normal_
+    model = empty_model(CONFIG.to_json())
+    assert torch.nn.init.normal_ is before
+    params = dict(model.named_parameters())
+    assert all(p.device.type == "cpu" for p in params.values())
+    assert params["head.weight"].shape == (CONFIG.vocab, CONFIG.dim)
+    reference = TinyLM(CONFIG)  # initializers work again outside
+    assert reference.embed.weight.std() > 0.5
 
 
 def test_options_reach_the_deployment():
