@@ -42,9 +42,8 @@ _INITIALIZERS = (
 
 @contextlib.contextmanager
 def _initializers_skipped() -> Iterator[None]:
-    """torch.nn.init's initializers do nothing inside (the loader overwrites every byte). Even on the meta
-    device they cost: the first `normal_` there imports torch's Python decompositions (sympy and ~800 modules,
-    1-1.7 s of a replica's start). Process-global: build models from one thread at a time."""
+    """torch.nn.init's initializers do nothing inside (the loader overwrites every byte). Process-global:
+    build models from one thread at a time."""
     import torch
 
     saved = {name: getattr(torch.nn.init, name) for name in _INITIALIZERS}
@@ -58,14 +57,15 @@ def _initializers_skipped() -> Iterator[None]:
 
 
 def empty_model(config_text: str):
-    """TinyLM with its parameters allocated and uninitialized (the loader fills every byte)."""
-    import torch
+    """TinyLM with its parameters allocated and uninitialized (the loader fills every byte).
 
+    Built on the CPU with the initializers skipped: no page is touched until the load writes it. Not on the
+    meta device: there `normal_` and `to_empty` run torch's Python reference kernels, whose first use imports
+    sympy and ~800 modules (1.2-1.7 s of a replica's start here)."""
     from serve_integration.tinylm import TinyConfig, TinyLM
 
-    with _initializers_skipped(), torch.device("meta"):
-        model = TinyLM(TinyConfig.from_json(config_text))
-    return model.to_empty(device="cpu").eval()
+    with _initializers_skipped():
+        return TinyLM(TinyConfig.from_json(config_text)).eval()
 
 
 def load_streaming(model_url: str):

@@ -39,7 +39,7 @@ def test_both_loaders_give_the_reference_model(model_url):
     assert load_downloading(url).generate("liftoff", 12) == expected
 
 
-def test_empty_model_runs_no_initializer_and_restores_them():
+def test_empty_model_is_allocated_and_restores_the_initializers():
     import torch
 
     before = torch.nn.init.normal_
@@ -50,6 +50,16 @@ def test_empty_model_runs_no_initializer_and_restores_them():
     assert params["head.weight"].shape == (CONFIG.vocab, CONFIG.dim)
     reference = TinyLM(CONFIG)  # initializers work again outside
     assert reference.embed.weight.std() > 0.5
+
+
+def test_empty_model_runs_no_initializer():
+    """In a fresh process: no initializer ran on the meta device (which would import sympy and ~800 modules)."""
+    code = (
+        "import sys, torch; from serve_integration.twin import empty_model; "
+        f"empty_model({CONFIG.to_json()!r}); print('sympy' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_options_reach_the_deployment():
