@@ -165,7 +165,7 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> dict:
         plain_out = containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, "demo-plain")
         plain_run = time.monotonic() - started
         blobs = registry.blob_gets() - before
-        containerd.ctr("image", "rm", ref)
+        containerd.ctr("image", "rm", "--sync", ref)  # the config too, now: the lazy pull must fetch it
 
         _drop_caches()
         started = time.monotonic()
