@@ -1,4 +1,4 @@
-"""Subcommands of the image store: convert, replicate, ls, inspect, verify."""
+"""Subcommands of the image store: convert, replicate, ls, inspect, verify, rm, gc."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from layerstore.chunker import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from layerstore.cli import add_store_options, store_options
+from layerstore.leases import DEFAULT_TTL
 
 
 def _size(text: str) -> int:
@@ -62,6 +63,24 @@ def register(subparsers) -> None:
     p.add_argument("--plain-http", action="store_true", help="talk HTTP to the source registry")
     p.add_argument("--docker-config", help="docker config file with credentials")
     p.set_defaults(run=run_verify)
+
+    p = subparsers.add_parser("rm", help="remove an image from the stores (liftoff gc then frees its chunks)")
+    p.add_argument("image", help="manifest digest or the reference it was converted from")
+    add_store_options(p)
+    p.set_defaults(run=run_rm)
+
+    p = subparsers.add_parser("gc", help="delete the chunks, indexes and records that no image references")
+    add_store_options(p)
+    p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=DEFAULT_TTL,
+        metavar="S",
+        help=f"seconds after which a silent writer's lease counts as dead (default {DEFAULT_TTL:.0f})",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object per store")
+    p.set_defaults(run=run_gc)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -203,4 +222,34 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"liftoff: verify found {len(problems)} problem(s)", file=sys.stderr)
         return 1
     print("verified")
+    return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    from layerstore.garbage import remove_image
+    from layerstore.stores import open_stores
+
+    stores = open_stores(args.store, **store_options(args))
+    removed = remove_image(stores, args.image)
+    print(f"removed {', '.join(removed)} from {', '.join(s.url for s in stores)}")
+    print("its chunks stay until `liftoff gc` runs on each store (nodes still running the image keep working until then)")
+    return 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from layerstore.garbage import collect_garbage
+    from layerstore.stores import open_stores
+
+    for store in open_stores(args.store, **store_options(args)):
+        report = collect_garbage(store, dry_run=args.dry_run, ttl=args.lease_ttl)
+        if args.json:
+            print(json.dumps(report.to_dict()))
+            continue
+        verb = "would delete" if report.dry_run else "deleted"
+        removed = ", ".join(f"{n} {kind}" for kind, n in report.removed.items())
+        print(
+            f"{report.store}: {report.images} image records keep {report.live_objects} objects "
+            f"({report.kept_bytes / 1e6:.1f} MB); {verb} {removed} ({report.removed_bytes / 1e6:.1f} MB), "
+            f"{report.expired_leases} expired leases, {report.temp_files} temp files in {report.seconds:.1f} s"
+        )
     return 0

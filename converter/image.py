@@ -24,6 +24,7 @@ from layerstore.digests import chain_ids, check_digest
 from layerstore.errors import FormatError, ImageError, LiftoffError, ObjectNotFound
 from layerstore.index import decode_index, encode_index
 from layerstore.layout import chain_key, image_key, layer_index_key
+from layerstore.leases import writing
 from layerstore.oci import mediatypes
 from layerstore.oci.source import ImageSource, read_blob
 from layerstore.records import ChainRecord, ImageRecord, IndexRecord, LayerRecord, parse_image_key_record
@@ -102,15 +103,16 @@ def convert_image(source: ImageSource, stores: list[Store], options: ConvertOpti
     media_type, body, digest = source.resolve()
     media_type, doc = mediatypes.parse_document(body, media_type, f"{source.name}")
     workers = options.workers or default_workers(stores)
-    uploader = ChunkUploader(stores, workers=workers, max_pending=4 * workers, level=options.zstd_level)
-    try:
-        if media_type in mediatypes.INDEXES:
-            images = _convert_index(source, stores, options, uploader, digest, media_type, body, doc)
-        else:
-            images = [_convert_manifest(source, stores, options, uploader, digest, media_type, body, doc)]
-    finally:
-        uploader.close()
-        options.progress.close()
+    with writing(stores, f"liftoff convert {source.name}"):  # no gc deletes what this conversion reuses
+        uploader = ChunkUploader(stores, workers=workers, max_pending=4 * workers, level=options.zstd_level)
+        try:
+            if media_type in mediatypes.INDEXES:
+                images = _convert_index(source, stores, options, uploader, digest, media_type, body, doc)
+            else:
+                images = [_convert_manifest(source, stores, options, uploader, digest, media_type, body, doc)]
+        finally:
+            uploader.close()
+            options.progress.close()
     return ConvertResult(source.name, digest, media_type, images, time.monotonic() - started)
 
 

@@ -22,6 +22,7 @@ from layerstore.catalog import ChunkReader, load_index
 from layerstore.errors import FormatError
 from layerstore.index import encode_index
 from layerstore.layout import layer_index_key
+from layerstore.leases import writing
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
 from layerstore.records import ImageRecord
 from layerstore.stores import Store, StoreChain
@@ -118,6 +119,11 @@ def relayout_image(stores: list[Store], record: ImageRecord, trace: dict, level:
     for item in trace.get("ranges", []):
         by_layer.setdefault(item["layer"], []).append((bytes.fromhex(item["path"]), item["ranges"]))
     chain = StoreChain(stores)
+    with writing(stores, f"liftoff profile {record.manifest_digest} (relayout)"):
+        return _relayout(chain, stores, record, by_layer, level)
+
+
+def _relayout(chain: StoreChain, stores: list[Store], record: ImageRecord, by_layer: dict, level: int) -> list[dict]:
     uploader = ChunkUploader(stores, workers=8, level=level)
     profile: list[dict] = []
     try:

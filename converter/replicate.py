@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from layerstore.catalog import find_image, image_records, iter_records, load_index
 from layerstore.errors import ObjectNotFound
 from layerstore.layout import chain_key, chunk_key, image_key, layer_index_key
+from layerstore.leases import writing
 from layerstore.records import ImageRecord, IndexRecord, parse_image_key_record
 from layerstore.stores import Store, StoreChain
 
@@ -33,7 +34,10 @@ def replicate(source: Store, target: Store, names: list[str] | None, workers: in
     everything = names is None
     roots = [digest for digest, _ in iter_records(chain)] if everything else [find_image(chain, n)[0] for n in names]
     stats = ReplicateStats()
-    with ThreadPoolExecutor(workers, thread_name_prefix="replicate") as pool:
+    with (
+        writing([target], f"liftoff replicate from {source.url}"),
+        ThreadPoolExecutor(workers, thread_name_prefix="replicate") as pool,
+    ):
         for digest in roots:
             _replicate_record(chain, source, target, digest, pool, stats)
     return stats

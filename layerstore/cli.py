@@ -31,6 +31,8 @@ COMMANDS = {
     "ls": "converter.cli",
     "inspect": "converter.cli",
     "verify": "converter.cli",
+    "rm": "converter.cli",
+    "gc": "converter.cli",
     "snapshotter": "snapshotter.cli",
     "pull": "snapshotter.cli",
     "fused": "snapshotter.cli",

@@ -35,6 +35,29 @@ class Store(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove the object if it exists."""
 
+    @abc.abstractmethod
+    def modified(self, key: str) -> float | None:
+        """When the object was last written (seconds since the epoch, the store's clock), or None if absent."""
+
+    def list_sized(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of the keys that start with `prefix`."""
+        for key in self.list(prefix):
+            size = self.size(key)
+            if size is not None:
+                yield key, size
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """delete() each key (in batches where the store allows); returns how many were asked."""
+        count = 0
+        for key in keys:
+            self.delete(key)
+            count += 1
+        return count
+
+    def sweep_temps(self) -> int:
+        """Remove what killed writers left half-written (only call when no writer is active); returns the count."""
+        return 0
+
     def sizes(self, keys: Iterable[str]) -> dict[str, int | None]:
         """size() of many keys at once (concurrently where the store is remote)."""
         return {key: self.size(key) for key in keys}

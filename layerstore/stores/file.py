@@ -59,7 +59,11 @@ class FileStore(Store):
             self._dirs.add(parent)
         tmp = parent / f"{TMP_MARK}{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:  # its directory was removed since (liftoff gc): make it again
+                parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data)
                 while view:
@@ -95,8 +99,38 @@ class FileStore(Store):
             if dirpath == str(start) and name_prefix:
                 dirnames[:] = [d for d in dirnames if d.startswith(name_prefix)]
 
+    def list_sized(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for key in self.list(prefix):
+            try:
+                yield key, os.stat(self.root / key).st_size
+            except FileNotFoundError:
+                continue
+
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        if key.startswith("layers/"):  # layers/sha256/<hex>/index: its directory goes with it
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
+
+    def modified(self, key: str) -> float | None:
+        try:
+            return os.stat(self._path(key)).st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"cannot stat {key} in {self.url}: {e.strerror}") from e
+
+    def sweep_temps(self) -> int:
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                if TMP_MARK in name:
+                    Path(dirpath, name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def sync(self) -> None:
         if not self.durable or not self.root.exists():

@@ -97,6 +97,15 @@ class S3Store(Store):
                 return None
             raise error from None
 
+    def modified(self, key: str) -> float | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)["LastModified"].timestamp()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            error = self._fail("stat", key, e)
+            if isinstance(error, ObjectNotFound):
+                return None
+            raise error from None
+
     def sizes(self, keys: Iterable[str]) -> dict[str, int | None]:
         return parallel_sizes(self, keys, self._pool)
 
@@ -108,6 +117,34 @@ class S3Store(Store):
                     yield item["Key"][len(self.prefix) :]
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise self._fail("list", prefix, e) from None
+
+    def list_sized(self, prefix: str) -> Iterator[tuple[str, int]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"][len(self.prefix) :], item["Size"]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._fail("list", prefix, e) from None
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = keys[start : start + 1000]
+            try:
+                result = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": self.prefix + k} for k in batch], "Quiet": True}
+                )
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+                raise self._fail("delete", batch[0], e) from None
+            errors = result.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"cannot delete {len(errors)} object(s) in {self._where}, e.g. {first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message')}"
+                )
+        return len(keys)
 
     def delete(self, key: str) -> None:
         try:
