@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from layerstore.catalog import find_image, iter_records, load_record
@@ -49,11 +50,12 @@ class GcReport:
         return asdict(self)
 
 
-def live_keys(store: Store) -> tuple[set[str], int]:
-    """Every key an image record reaches, and the number of image records."""
+def live_keys(store: Store, workers: int = 16) -> tuple[set[str], int]:
+    """Every key an image record reaches, and the number of image records. Layer indexes are read
+    concurrently (`workers` at once) when the store is remote."""
     live: set[str] = set()
     images = 0
-    seen_layers: set[str] = set()
+    layers: dict[str, str] = {}  # layer digest -> an image that needs it (for messages)
     for key in store.list(IMAGES):
         try:
             record = parse_image_key_record(store.get(key), f"{store.url}/{key}")
@@ -70,23 +72,8 @@ def live_keys(store: Store) -> tuple[set[str], int]:
         if isinstance(record, IndexRecord):
             continue  # its platforms have records of their own
         for layer in record.layers:
-            live.add(chain_key(layer.chain_id))
-            index_key = layer_index_key(layer.digest)
-            live.add(index_key)
-            if layer.digest in seen_layers:
-                continue
-            seen_layers.add(layer.digest)
-            try:
-                index = decode_index(store.get(index_key), f"{store.url}/{index_key}")
-            except ObjectNotFound:
-                log.warning("image %s lacks the index of layer %s (run liftoff verify)", record.manifest_digest, layer.digest)
-                continue
-            except FormatError as e:
-                raise FormatError(
-                    f"{e}. gc cannot tell which chunks layer {layer.digest} needs and deleted nothing: convert "
-                    f"{', '.join(record.references) or record.manifest_digest} again"
-                ) from None
-            live.update(chunk_key(chunk.sha256) for chunk in index.chunks)
+            live.update((chain_key(layer.chain_id), layer_index_key(layer.digest)))
+            layers.setdefault(layer.digest, ", ".join(record.references) or record.manifest_digest)
         for chunk in (record.profile or {}).get("chunks", []):
             try:
                 live.add(chunk_key(bytes.fromhex(chunk["sha256"])))
@@ -95,6 +82,23 @@ def live_keys(store: Store) -> tuple[set[str], int]:
                     f"{store.url}/{key}: malformed profile chunk {chunk!r}. gc deleted nothing: record the profile "
                     "again (liftoff profile)"
                 ) from None
+
+    def chunks_of(digest: str) -> list[str]:
+        key = layer_index_key(digest)
+        try:
+            index = decode_index(store.get(key), f"{store.url}/{key}")
+        except ObjectNotFound:
+            log.warning("image %s lacks the index of layer %s (run liftoff verify)", layers[digest], digest)
+            return []
+        except FormatError as e:
+            raise FormatError(
+                f"{e}. gc cannot tell which chunks layer {digest} needs and deleted nothing: convert {layers[digest]} again"
+            ) from None
+        return [chunk_key(chunk.sha256) for chunk in index.chunks]
+
+    with ThreadPoolExecutor(workers if store.remote else 1) as pool:
+        for keys in pool.map(chunks_of, layers):
+            live.update(keys)
     return live, images
 
 

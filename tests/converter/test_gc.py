@@ -250,3 +250,17 @@ def test_a_conversion_waits_while_gc_holds_the_store(layout, tmp_path):
     out, err = convert_proc.communicate(timeout=120)
     assert convert_proc.returncode == 0, err
     run_cli("verify", json.loads(out)["manifest_digest"], "--store", store_url)
+
+
+def test_gc_refuses_when_a_live_layer_index_is_corrupt(layout, tmp_path):
+    store_url = f"file://{tmp_path / 'store'}"
+    a = convert(f"oci:{layout}:a", store_url)["manifest_digest"]
+    store = open_store(store_url)
+    _, record = find_image(StoreChain([store]), a)
+    store.put(layer_index_key(record.layers[1].digest), b"\x28\xb5\x2f\xfd truncated")
+    orphan = chunk_key(bytes(32))
+    store.put(orphan, b"garbage")
+    done = gc(store_url, check=False)
+    assert done.returncode == 1
+    assert f"gc cannot tell which chunks layer {record.layers[1].digest} needs and deleted nothing" in done.stderr
+    assert store.size(orphan) is not None
