@@ -49,6 +49,14 @@ def test_kubernetes_manifests():
         assert mounts["/var/lib/liftoff"]["mountPropagation"] == "Bidirectional"  # FUSE mounts reach the host
 
 
+def test_store_gc_cronjob():
+    job = next(d for d in k8s_documents() if d["kind"] == "CronJob")
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["liftoff"] and container["args"][0] == "gc"
+    parses_as_liftoff(container["args"])
+
+
 def test_containerd_config_and_hosts_toml():
     config_map = next(d for d in k8s_documents() if d["kind"] == "ConfigMap")
     containerd = tomllib.loads(config_map["data"]["containerd-liftoff.toml"])
