@@ -110,13 +110,7 @@ class S3Store(Store):
         return parallel_sizes(self, keys, self._pool)
 
     def list(self, prefix: str) -> Iterator[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                for item in page.get("Contents", []):
-                    yield item["Key"][len(self.prefix) :]
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise self._fail("list", prefix, e) from None
+        return (key for key, _ in self.list_sized(prefix))
 
     def list_sized(self, prefix: str) -> Iterator[tuple[str, int]]:
         paginator = self.client.get_paginator("list_objects_v2")
