@@ -127,8 +127,8 @@ def describe(leases: list[dict]) -> str:
 def writing(stores: list[Store], what: str, wait_s: float = 900.0, ttl: float = DEFAULT_TTL) -> Iterator[Lease]:
     """Hold a writer's lease on `stores` for the block; waits (up to `wait_s`) while a gc runs on one of them."""
     lease = Lease(stores, WRITE, what, ttl)
-    lease.acquire()
     try:
+        lease.acquire()
         deadline = time.monotonic() + wait_s
         for store in stores:
             while True:
@@ -153,8 +153,8 @@ def collecting(store: Store, ttl: float = DEFAULT_TTL) -> Iterator[tuple[Lease, 
 
     Yields the lease and the keys of expired leases (what dead processes left behind)."""
     lease = Lease([store], GC, "liftoff gc", ttl)
-    lease.acquire()
     try:
+        lease.acquire()
         others, expired = lease.others(store)
         if others:
             writers = [x for x in others if x.get("kind") != GC]
