@@ -61,12 +61,14 @@ class Lease:
         ).encode()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._written: list[Store] = []  # where acquire() got to write it
 
     def acquire(self) -> None:
         """Write the lease to every store and start the heartbeat."""
         for store in self.stores:
             store.prepare_writes()
             store.put(self.key, self.body)
+            self._written.append(store)
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.kind}", daemon=True)
         self._thread.start()
 
@@ -83,7 +85,7 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        for store in self.stores:
+        for store in self._written:
             try:
                 store.delete(self.key)
             except StoreError as e:
