@@ -96,7 +96,7 @@ class Lease:
         store.put(self.key, self.body)  # renew first: its time is the store's "now"
         now = store.modified(self.key)
         if now is None:
-            raise StoreError(f"the lease {self.key} vanished from {store.url} as it was written: is the store shared oddly?")
+            raise StoreError(f"{store.url} did not read back the lease {self.key} just written: leases need a consistent store")
         live, expired = [], []
         for key in store.list(LEASES):
             if key == self.key:
