@@ -109,9 +109,9 @@ class FileStore(Store):
     def delete(self, key: str) -> None:
         path = self._path(key)
         path.unlink(missing_ok=True)
-        if key.startswith("layers/"):  # layers/sha256/<hex>/index: its directory goes with it
+        if path.parent != self.root:
             try:
-                path.parent.rmdir()
+                path.parent.rmdir()  # only if that left it empty (a removed layer's directory); put() makes it again
             except OSError:
                 pass
 
