@@ -82,6 +82,7 @@ func startLiftoff(ctx context.Context, root string) (snapshots.Snapshotter, func
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 
+	// stop ends the process (SIGTERM, then SIGKILL) and says how it ended if that was not a clean stop.
 	stop := func() error {
 		var waitErr error
 		select {
@@ -99,15 +100,15 @@ func startLiftoff(ctx context.Context, root string) (snapshots.Snapshotter, func
 		}
 		logFile.Close()
 		keepLog(root, logPath)
-		if waitErr != nil {
-			return fmt.Errorf("%v; log:\n%s", waitErr, tail(logPath))
-		}
-		return nil
+		return waitErr
+	}
+	failed := func(err error) (snapshots.Snapshotter, func() error, error) {
+		_ = stop()
+		return nil, nil, fmt.Errorf("%v; its log ends:\n%s", err, tail(logPath))
 	}
 
 	if err := waitForSocket(socket, exited); err != nil {
-		stopErr := stop()
-		return nil, nil, fmt.Errorf("%v (%v)", err, stopErr)
+		return failed(err)
 	}
 	dialer := func(ctx context.Context, addr string) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "unix", addr)
@@ -116,14 +117,13 @@ func startLiftoff(ctx context.Context, root string) (snapshots.Snapshotter, func
 	defer cancel()
 	conn, err := grpc.DialContext(dialCtx, socket, grpc.WithInsecure(), grpc.WithBlock(), grpc.WithContextDialer(dialer))
 	if err != nil {
-		stopErr := stop()
-		return nil, nil, fmt.Errorf("cannot connect to %s: %v (%v)", socket, err, stopErr)
+		return failed(fmt.Errorf("cannot connect to %s: %v", socket, err))
 	}
 	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "liftoff")
 	cleanup := func() error {
 		connErr := conn.Close()
 		if err := stop(); err != nil {
-			return err
+			return fmt.Errorf("%v; its log ends:\n%s", err, tail(logPath))
 		}
 		return connErr
 	}
