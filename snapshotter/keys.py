@@ -31,8 +31,14 @@ def validate_key(key: str, what: str = "key") -> str:
 
 
 def validate_labels(labels: dict[str, str]) -> dict[str, str]:
-    """Return `labels` if every key plus value fits containerd's 4096-byte limit."""
+    """Return `labels` if every key plus value fits containerd's 4096-byte limit and no set label has an empty key.
+
+    A label with an empty value is no label (it is dropped, as containerd drops it); one with an
+    empty key and a value containerd cannot store (its bolt store refuses empty keys).
+    """
     for key, value in labels.items():
+        if not key and value:
+            raise InvalidArgument(f"label with value {value[:64]!r} has an empty key; label keys must not be empty")
         size = len(key.encode()) + len(value.encode())
         if size > MAX_LABEL_BYTES:
             raise InvalidArgument(

@@ -204,7 +204,6 @@ class SnapshotStore:
     def update(self, namespace: str, key: str, labels: dict[str, str], paths: Sequence[str]) -> Snapshot:
         """Update labels: all of them (no paths, or "labels") or single ones ("labels.<key>"; empty value deletes)."""
         validate_key(key)
-        validate_labels(labels)
         with self.meta.write() as tx:
             snapshot = tx.get(namespace, key)
             if snapshot is None:
@@ -221,7 +220,8 @@ class SnapshotStore:
                         f"cannot update field {path!r} of snapshot {key!r}: only labels can change"
                         " (mask paths 'labels' or 'labels.<key>')"
                     )
-            tx.set_labels(snapshot.id, {k: v for k, v in updated.items() if v != ""})
+            # Like containerd, check the labels the snapshot ends up with, not those the mask leaves out.
+            tx.set_labels(snapshot.id, validate_labels({k: v for k, v in updated.items() if v != ""}))
             result = tx.get(namespace, key)
         assert result is not None
         return result

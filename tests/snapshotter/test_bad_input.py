@@ -122,6 +122,27 @@ def test_huge_labels(populated, snapshotter):
     assert api.stat("base").labels["k"] == "y" * 4095
 
 
+def test_update_checks_the_labels_it_keeps(populated, snapshotter):
+    """As containerd's Update: the limit applies to the labels the snapshot ends up with, not to those
+    the mask leaves out; an empty value deletes, so a huge label can be removed."""
+    api = populated
+    info = api.update("base", {"k": "w", "huge": BIG}, ["labels.k"])
+    assert dict(info.labels) == {"k": "w"}
+    assert_refused(snapshotter, lambda: api.update("base", {"huge": BIG}, ["labels.huge"]), INVALID_ARGUMENT, "4096")
+    assert dict(api.update("base", {"k": "y" * 4095}, ["labels.k"]).labels) == {"k": "y" * 4095}
+    assert dict(api.update("base", {}, ["labels.k"]).labels) == {}
+
+
+def test_empty_label_keys(populated, snapshotter):
+    """containerd cannot store a label with an empty key (bolt refuses empty keys); one with no value is no label."""
+    api = populated
+    assert_refused(snapshotter, lambda: api.prepare("x", labels={"": "v"}), INVALID_ARGUMENT, "empty key")
+    assert_refused(snapshotter, lambda: api.commit("x", "work", labels={"": "v"}), INVALID_ARGUMENT, "empty key")
+    assert_refused(snapshotter, lambda: api.update("base", {"": "v"}, ["labels."]), INVALID_ARGUMENT, "empty key")
+    api.prepare("x", labels={"": "", "a": "1"})
+    assert dict(api.stat("x").labels) == {"a": "1"}
+
+
 def test_immutable_fields_and_bad_namespace(populated, snapshotter):
     api = populated
     assert_refused(snapshotter, lambda: api.update("base", {"k": "w"}, ["labels.k", "parent"]), INVALID_ARGUMENT, "'parent'")
