@@ -5,7 +5,8 @@ archives from a forward-only stream: one header at a time, file data read by
 the caller straight into its own buffers. OCI whiteouts become WHITEOUT and
 OPAQUE entries. Hostile input is refused with ImageError: paths that are
 absolute or contain "..", entries beneath a symlink of the same layer,
-hardlinks to missing or non-file targets, corrupt headers, truncated data.
+hardlinks to missing or non-file targets, corrupt headers, truncated data,
+pax headers and GNU long names over MAX_SPECIAL_BYTES.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from layerstore.errors import ImageError
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
 
 BLOCK = 512
+# Metadata the reader holds in memory is capped, as Go's archive/tar caps it (1 MiB): one pax extended
+# header, the pax records held for one entry or globally, and a GNU long name or link. Real layers need
+# a few KiB (Linux paths stop at 4 KiB, xattr values at 64 KiB); a larger header is refused unread.
+MAX_SPECIAL_BYTES = 1 << 20
+_SPECIAL = {b"x": "pax extended header", b"g": "pax global header", b"L": "GNU long name", b"K": "GNU long link name"}
 WHITEOUT_PREFIX = b".wh."
 WHITEOUT_META_PREFIX = b".wh..wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -149,6 +155,7 @@ class TarReader:
         self._kinds: dict[bytes, int] = {}  # path -> type, for hardlink and symlink checks
         self._symlinks: set[bytes] = set()
         self.entries_read = 0
+        self._last_name: bytes | None = None  # the latest entry's name, to place an error
         self.skipped: list[bytes] = []  # aufs metadata entries ignored as containerd does
 
     def _read_exact(self, n: int) -> bytes:
@@ -212,6 +219,9 @@ class TarReader:
             if size < 0:
                 raise ImageError("corrupt tar header: negative size")
             padded = -size % BLOCK
+            if typeflag in _SPECIAL:
+                held = _held(self._global_pax if typeflag == b"g" else pax) if typeflag in (b"x", b"g") else 0
+                self._check_special(header, typeflag, size, held)
             if typeflag in (b"x", b"g"):
                 records = _parse_pax(self._read_exact(size))
                 self._skip(padded)
@@ -229,6 +239,7 @@ class TarReader:
                     long_link = value
                 continue
             entry = self._member(header, typeflag, size, {**self._global_pax, **pax}, long_name, long_link)
+            self._last_name = entry.raw_name or entry.path
             data = self._data_size
             if entry.type == pb.ENTRY_TYPE_REGULAR:
                 self._remaining, self._padding = data, -data % BLOCK
@@ -236,6 +247,18 @@ class TarReader:
                 self._remaining, self._padding = 0, data + (-data % BLOCK)
                 entry.size = 0
             return entry
+
+    def _check_special(self, header: bytes, typeflag: bytes, size: int, held: int) -> None:
+        """Refuse a pax header or GNU long name over MAX_SPECIAL_BYTES before reading it into memory."""
+        if size + held <= MAX_SPECIAL_BYTES:
+            return
+        name = _show(header[0:100].split(b"\0", 1)[0])
+        place = f"after {_show(self._last_name)}" if self._last_name is not None else "the first header"
+        also = f" (with {held} bytes of pax records already held)" if held else ""
+        raise ImageError(
+            f"tar entry {name} ({place}): {_SPECIAL[typeflag]} of {size} bytes{also} is over the "
+            f"{MAX_SPECIAL_BYTES >> 20} MiB limit for tar metadata; no tar tool writes one: the layer is hostile or corrupt"
+        )
 
     @staticmethod
     def _check_sum(header: bytes) -> None:
@@ -363,6 +386,10 @@ class TarReader:
                     "of the same layer (a link escaping the root)"
                 )
             parent = posixpath.dirname(parent)
+
+
+def _held(records: dict[bytes, bytes]) -> int:
+    return sum(len(k) + len(v) for k, v in records.items())
 
 
 def _xattrs(pax: dict[bytes, bytes]) -> dict[str, bytes]:
