@@ -5,7 +5,9 @@ packed into shared chunks), so file creation (~0.5 ms on ext4) is noise next to 
 fetch, and a file per chunk makes sharing across layers and images free. A chunk is
 written to a temp file and renamed into place, so a torn write is never visible under
 its name; a chunk found on disk at start (possibly from before a power loss) is
-hashed once before it is first served, and dropped if it does not match.
+hashed once before it is first served, and dropped if it does not match. The cache is
+root's alone: directories 0700, chunk files created 0600 (an older cache's looser modes
+are tightened at start).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
+from layerstore.private import private_dir, restrict_dir, restrict_file, write_private
+
 log = logging.getLogger(__name__)
 
 TMP_MARK = ".tmp-"
@@ -28,8 +32,8 @@ class ChunkCache:
     """Chunks by raw sha256; `capacity` bytes at most (least recently used evicted first)."""
 
     def __init__(self, root: str | os.PathLike[str], capacity: int) -> None:
-        self.dir = Path(root) / "chunks"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(root)
+        self.dir = private_dir(Path(root) / "chunks")
         self.capacity = capacity
         self._lock = threading.Lock()
         self._lru: OrderedDict[bytes, int] = OrderedDict()  # sha256 -> size, oldest first
@@ -43,14 +47,16 @@ class ChunkCache:
     def _scan(self) -> None:
         found = []
         for sub in os.scandir(self.dir):
-            if not sub.is_dir():
+            if not sub.is_dir(follow_symlinks=False):
                 continue
+            restrict_dir(Path(sub.path))
             for item in os.scandir(sub.path):
                 if TMP_MARK in item.name:
                     os.unlink(item.path)  # an interrupted write
                     continue
                 try:
-                    st = item.stat()
+                    st = item.stat(follow_symlinks=False)
+                    restrict_file(item.path, st.st_mode)
                     found.append((st.st_mtime, bytes.fromhex(item.name), st.st_size))
                 except (OSError, ValueError):
                     continue
@@ -108,10 +114,9 @@ class ChunkCache:
     def put(self, sha256: bytes, data: bytes | memoryview) -> None:
         """Store a verified chunk (temp file + rename), then evict down to capacity."""
         path = self.path(sha256)
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = path.with_name(f"{path.name}{TMP_MARK}{secrets.token_hex(4)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        write_private(tmp, data)
         os.rename(tmp, path)
         with self._lock:
             if sha256 not in self._lru:

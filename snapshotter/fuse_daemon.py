@@ -10,6 +10,12 @@ mounts. State lives under its root:
     mnt/<id>/         mount points
     cache/chunks/     the chunk cache (layerstore/cache.py)
 
+All of it is root's alone (directories 0700, files 0600, layerstore/private.py), as
+containerd keeps its own snapshotter state, and views are mounted nosuid,nodev: a non-root
+user of the node reaches no image bytes. Containers are unaffected (overlayfs reaches its
+lower layers with the credentials of whoever mounted it, and checks setuid bits and device
+nodes on its own mount).
+
 A restart needs no store: views come back from the local indexes, and only reads of
 chunks not yet cached wait for the stores (retrying) once they answer again.
 """
@@ -33,6 +39,7 @@ from layerstore.cache import ChunkCache
 from layerstore.errors import LiftoffError
 from layerstore.fetch import ChunkFetcher
 from layerstore.index import decode_index
+from layerstore.private import private_dir, restrict_file, write_private
 from layerstore.stores import Store
 from snapshotter import fuse_control
 from snapshotter import fuse_kernel as k
@@ -67,8 +74,9 @@ class IndexDir:
     """Layer indexes on local disk (the bytes as stored: zstd protobuf)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(root)
+        for path in self.root.iterdir():
+            restrict_file(path)  # indexes an older liftoff wrote world-readable
 
     def path(self, digest: str) -> Path:
         return self.root / digest.split(":", 1)[1]
@@ -80,7 +88,8 @@ class IndexDir:
         """Write an index atomically (concurrent writers of the same index each use their own temp file)."""
         target = self.path(digest)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        tmp.write_bytes(data)
+        tmp.unlink(missing_ok=True)  # left by a crash of a thread with the same identity
+        write_private(tmp, data)
         os.rename(tmp, target)
 
     def load(self, digest: str):
@@ -127,18 +136,19 @@ class FuseDaemon:
         learn_seconds: float = 0.0,
         fetch_retry_seconds: float = 30.0,
     ) -> None:
-        self.root = Path(root).absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.root / "fused.lock", "a+")  # noqa: SIM115 - held for the process's life
+        self.root = private_dir(Path(root).absolute())
+        lock_path = self.root / "fused.lock"
+        self._lock_file = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), "a+")
+        restrict_file(lock_path)
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LiftoffError(f"another liftoff FUSE daemon serves {self.root}") from None
         self.indexes = IndexDir(self.root / "indexes")
-        self.views_dir = self.root / "views"
-        self.views_dir.mkdir(exist_ok=True)
-        self.mnt = self.root / "mnt"
-        self.mnt.mkdir(exist_ok=True)
+        self.views_dir = private_dir(self.root / "views")
+        for path in self.views_dir.iterdir():
+            restrict_file(path)  # view records an older liftoff wrote world-readable
+        self.mnt = private_dir(self.root / "mnt")
         self.cache = ChunkCache(self.root / "cache", cache_bytes)
         self.fetcher = ChunkFetcher(stores, self.cache, retry_seconds=fetch_retry_seconds)
         self.stores = stores
@@ -184,7 +194,7 @@ class FuseDaemon:
             if _is_stale(mountpoint) or os.path.ismount(mountpoint):
                 log.warning("clearing a stale mount at %s", mountpoint)
                 lazy_unmount(mountpoint)
-            mountpoint.mkdir(exist_ok=True)
+            mountpoint.mkdir(mode=0o700, exist_ok=True)
             mounted = MountedView(view_id, layers, layers_below, view, mountpoint)
             if self.backend == "kernel":
                 mounted.session = FuseSession(view, self.fetcher, view_id, self.fetch_pool, max_readahead=self.max_readahead)
@@ -246,10 +256,11 @@ class FuseDaemon:
             self._set_recorder(mounted, None)
             trace = recorder.trace()
             if trace["chunks"]:
-                self.traces_dir.mkdir(exist_ok=True)
+                private_dir(self.traces_dir)
                 path = self.traces_dir / f"{mounted.id}-{int(time.time())}.json"
                 tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(trace))
+                tmp.unlink(missing_ok=True)
+                write_private(tmp, json.dumps(trace).encode())
                 os.rename(tmp, path)
                 log.info(
                     "view %s: kept a trace of the first %.0f s (%d chunks) in %s",
@@ -285,7 +296,9 @@ class FuseDaemon:
     def _write_spec(self, mounted: MountedView) -> None:
         path = self.views_dir / f"{mounted.id}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"view": mounted.id, "layers": mounted.layers, "layers_below": mounted.layers_below}))
+        tmp.unlink(missing_ok=True)  # left by a crash (written under the daemon's lock)
+        spec = {"view": mounted.id, "layers": mounted.layers, "layers_below": mounted.layers_below}
+        write_private(tmp, json.dumps(spec).encode())
         os.rename(tmp, path)
 
     def unmount(self, view_id: str) -> None:

@@ -35,7 +35,10 @@ TIMEOUT = 86400  # seconds the kernel may cache entries, attributes and negative
 MAX_WRITE = 128 << 10  # read-only: requests stay small
 READ_BUFFER = MAX_WRITE + 4096
 MAX_PAGES = 256  # 1 MiB per read request
-MS_RDONLY = 1
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+# Views are private to root: the daemon's mounts are read-only, honour no setuid bit and open no
+# device node. A container is unaffected: overlayfs checks both on its own mount, not its lowers.
+MOUNT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _NEGATIVE = k.ENTRY_PREFIX.pack(0, 0, TIMEOUT, TIMEOUT, 0, 0) + bytes(k.ATTR.size)
@@ -130,9 +133,12 @@ class FuseSession:
     def mount(self, mountpoint: Path, timeout: float = 15.0) -> None:
         """Mount at `mountpoint` and start serving; returns once the kernel's INIT is answered."""
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        # allow_other stays: a View snapshot of one run of remote layers is a bind mount of the view
+        # itself, used with the reader's own credentials (overlayfs uses the mounter's). The host's
+        # non-root users are kept out by the daemon's root-only directories above the mount point.
         options = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
         source = f"liftoff:{self.label}".encode()
-        if _libc.mount(source, str(mountpoint).encode(), b"fuse.liftoff", MS_RDONLY, options.encode()) != 0:
+        if _libc.mount(source, str(mountpoint).encode(), b"fuse.liftoff", MOUNT_FLAGS, options.encode()) != 0:
             err = ctypes.get_errno()
             os.close(self.fd)
             raise OSError(err, f"mount of view {self.label} at {mountpoint}: {os.strerror(err)}")

@@ -6,7 +6,9 @@
     <root>/snapshots/new-*        a snapshot being created (not yet in the database)
     <root>/snapshots/rm-<id>-*    a snapshot being removed (renamed away first)
 
-A directory is "owned" when its name is the id of a snapshot in the database.
+A directory is "owned" when its name is the id of a snapshot in the database. The root and
+snapshots/ are root's alone (0700, as containerd keeps its overlayfs snapshotter), and so
+are metadata.db and the lock (0600): overlayfs and runc reach the layers as root.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from layerstore.private import FILE_MODE, private_dir, restrict_file
 from snapshotter.metadata import Kind, Snapshot
 
 log = logging.getLogger(__name__)
@@ -40,9 +43,18 @@ class Layout:
         self.lock_path = self.root / "lock"
 
     def ensure(self) -> None:
-        """Create the root and snapshots directories (mode 0700) if missing."""
+        """Make the root and snapshots/ private directories (0700) and the database and lock files 0600,
+        creating what is missing and tightening what an older liftoff (or its FUSE daemon, which makes
+        ROOT/remote) left open to others."""
         for directory in (self.root, self.snapshots):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(directory)
+        for path in (self.metadata_path, self.lock_path):
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))  # SQLite gives -wal/-shm its mode
+            restrict_file(path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            journal = self.metadata_path.with_name(self.metadata_path.name + suffix)
+            if journal.exists():
+                restrict_file(journal)
 
     def snapshot_dir(self, snapshot_id: int) -> Path:
         return self.snapshots / str(snapshot_id)

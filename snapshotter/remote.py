@@ -31,6 +31,7 @@ from layerstore.digests import chain_ids, check_digest
 from layerstore.errors import FormatError, ImageError, LiftoffError, ObjectNotFound, StoreError
 from layerstore.index import decode_index
 from layerstore.layout import chain_key, layer_index_key
+from layerstore.private import private_dir
 from layerstore.records import ChainRecord, ImageRecord
 from layerstore.stores import Store, StoreChain
 from snapshotter.errors import AlreadyExists, NotFound
@@ -290,7 +291,7 @@ def ensure_fused(root: Path, store_args: list[str], cache_size: str, log_level: 
     client = FusedClient(root / "fused.sock")
     if client.alive():
         return client
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root)  # and its missing parents, the snapshotter's root among them: image bytes live here
     argv = [
         sys.executable,
         "-m",
@@ -304,7 +305,7 @@ def ensure_fused(root: Path, store_args: list[str], cache_size: str, log_level: 
         cache_size,
         *store_args,
     ]
-    with open(root / "fused.log", "ab") as log_file:
+    with os.fdopen(os.open(root / "fused.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab") as log_file:
         subprocess.Popen(argv, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
