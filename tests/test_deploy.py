@@ -93,3 +93,53 @@ def test_rayservice_application_builder():
         builder = getattr(apps, name)
         assert list(inspect.signature(builder).parameters) == ["args"]
         apps._options(application["args"])  # every arg is one the builder knows
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_daemonset_makes_the_state_private_before_liftoff_starts(tmp_path):
+    """The init step, run for real on a stand-in host (hostPath directories made 0755 as kubelet does,
+    one of them missing): the snapshotter's root, the FUSE daemon's root and the socket directory end 0700."""
+    import os
+    import stat
+    import subprocess
+
+    pod = next(d for d in k8s_documents() if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    init = next(c for c in pod["initContainers"] if c["name"] == "private-state")
+    assert pod["initContainers"][0] is init, "it runs before anything else"
+    host = tmp_path / "host"
+    script = " ".join(init["args"])
+    for mount in init["volumeMounts"]:
+        script = script.replace(mount["mountPath"], f"{host}{mount['mountPath']}")
+    (host / "var/lib/liftoff").mkdir(parents=True, mode=0o755)
+    os.chmod(host / "var/lib/liftoff", 0o755)
+    subprocess.run([*init["command"], script], check=True)
+    containers = {c["name"]: c for c in pod["containers"]}
+    fused_root = _flag(containers["fused"]["args"], "--root")
+    snapshotter_root = _flag(containers["snapshotter"]["args"], "--root")
+    socket_dir = _flag(containers["snapshotter"]["args"], "--socket").rsplit("/", 1)[0]
+    assert fused_root.startswith(snapshotter_root + "/")
+    for path in (fused_root, snapshotter_root, socket_dir):
+        assert stat.S_IMODE(os.stat(f"{host}{path}").st_mode) == 0o700, path
+
+
+def test_systemd_units_keep_the_state_private():
+    """Every liftoff root and socket directory is a State/RuntimeDirectory of its unit with mode 0700."""
+    checked = 0
+    for path in sorted(DEPLOY.glob("*.service")):
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.optionxform = str
+        unit.read(path)
+        service = unit["Service"]
+        argv = shlex.split(service["ExecStart"])
+        if argv[1] not in ("snapshotter", "fused"):
+            continue
+        private = {f"/var/lib/{d}" for d in service.get("StateDirectory", "").split() if service["StateDirectoryMode"] == "0700"}
+        private |= {f"/run/{d}" for d in service.get("RuntimeDirectory", "").split() if service["RuntimeDirectoryMode"] == "0700"}
+        assert _flag(argv, "--root") in private, path
+        if "--socket" in argv:
+            assert _flag(argv, "--socket").rsplit("/", 1)[0] in private, path
+        checked += 1
+    assert checked == 2
