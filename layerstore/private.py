@@ -51,7 +51,7 @@ def restrict_dir(path: Path) -> None:
     if st.st_uid != os.geteuid() or mode & (stat.S_IWOTH | stat.S_ISVTX):
         raise LiftoffError(
             f"{path} is mode {mode:04o} owned by uid {st.st_uid}: liftoff keeps image bytes there, so it must be a "
-            f"directory of its own (it is made 0700); choose another --root, e.g. /var/lib/liftoff/snapshotter"
+            f"directory of its own that liftoff makes 0700; choose another --root (a new or empty directory)"
         )
     os.chmod(path, DIR_MODE)
     log.info("made %s private (mode 0700, was %04o)", path, mode)

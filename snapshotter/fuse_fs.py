@@ -136,8 +136,8 @@ def serve_view(fs: ViewFS, mountpoint: str) -> None:
         ro=True,
         allow_other=True,
         default_permissions=True,
-        suid=True,
-        dev=True,
+        nosuid=True,  # as the kernel-protocol server mounts views (fuse_server.py)
+        nodev=True,
         kernel_cache=True,
         use_ino=True,
         readdir_ino=True,

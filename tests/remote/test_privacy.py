@@ -301,3 +301,20 @@ def test_a_shared_directory_is_refused_as_a_root(tmp_path):
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     made = private_dir(tmp_path / "new" / "remote")
     assert stat.S_IMODE(made.parent.stat().st_mode) == stat.S_IMODE(made.stat().st_mode) == 0o700
+
+
+def test_fusepy_views_are_mounted_nosuid_nodev_too(tmp_path_factory, image):
+    _supported()
+    store = tmp_path_factory.mktemp("privacy-fusepy-store")
+    stack = start_stack(tmp_path_factory.mktemp("privacy-fusepy"), f"file://{store}", fused_args=["--backend", "fusepy"])
+    try:
+        convert(image, stack.store_url)
+        liftoff_pull(stack, image.ref)
+        out = run_in_container(stack, image, "liftoff", "privacy-fusepy", "--allow-new-privs")
+        assert out.splitlines()[:4] == ["euid=0", str(NOBODY), "null-written", "4"], out
+        mounts = fuse_mounts(stack.root)
+        assert mounts
+        for mountpoint, options in mounts:
+            assert {"nosuid", "nodev", "ro"} <= options, (mountpoint, options)
+    finally:
+        stack.stop()
