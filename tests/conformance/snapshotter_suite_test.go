@@ -7,6 +7,12 @@
 // containerd's overlayfs snapshotter as the control. Every suite test gets a
 // fresh liftoff process with its own root and socket.
 //
+// Each runs twice: called directly (as CRI's calls arrive, with the namespace
+// header) and under containerd's metadata layer (metadata.DB), which is what a
+// containerd daemon puts in front of every snapshotter: it renames keys to
+// `<ns>/<seq>/<key>` and keeps its own records. There the namespace header is
+// stripped, as Debian's containerd sends it only on CRI calls.
+//
 // Build (GOPATH mode, Debian's containerd source): see scripts/conformance.
 // Run as root: conformance.test -test.root -test.v -liftoff /path/to/liftoff
 package conformance
@@ -26,12 +32,16 @@ import (
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/metadata"
+	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/pkg/testutil"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/overlay"
 	"github.com/containerd/containerd/snapshots/proxy"
 	"github.com/containerd/containerd/snapshots/testsuite"
+	bolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc"
+	grpcmetadata "google.golang.org/grpc/metadata"
 )
 
 var (
@@ -44,27 +54,88 @@ const (
 	stopTimeout  = 20 * time.Second // SIGTERM, then SIGKILL after this
 )
 
+func newOverlay(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+	sn, err := overlay.NewSnapshotter(root)
+	if err != nil {
+		return nil, nil, err
+	}
+	return sn, sn.Close, nil
+}
+
 // TestOverlay is the control: containerd's own overlayfs snapshotter.
 func TestOverlay(t *testing.T) {
 	testutil.RequiresRoot(t)
-	testsuite.SnapshotterSuite(t, "overlayfs", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
-		sn, err := overlay.NewSnapshotter(root)
-		if err != nil {
-			return nil, nil, err
-		}
-		return sn, sn.Close, nil
-	})
+	testsuite.SnapshotterSuite(t, "overlayfs", newOverlay)
 }
 
 // TestLiftoff runs the suite against a fresh `liftoff snapshotter` per test.
 func TestLiftoff(t *testing.T) {
 	testutil.RequiresRoot(t)
-	testsuite.SnapshotterSuite(t, "liftoff", startLiftoff)
+	testsuite.SnapshotterSuite(t, "liftoff", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+		return startLiftoff(ctx, root, false)
+	})
+}
+
+// TestOverlayMetadata is the control under containerd's metadata layer.
+func TestOverlayMetadata(t *testing.T) {
+	testutil.RequiresRoot(t)
+	testsuite.SnapshotterSuite(t, "overlayfs-md", underMetadata("overlayfs", newOverlay))
+}
+
+// TestLiftoffMetadata runs liftoff under containerd's metadata layer, without the namespace header.
+func TestLiftoffMetadata(t *testing.T) {
+	testutil.RequiresRoot(t)
+	testsuite.SnapshotterSuite(t, "liftoff-md", underMetadata("liftoff", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+		return startLiftoff(ctx, root, true)
+	}))
+}
+
+// underMetadata puts containerd's metadata layer (a bolt database of its own) in front of a backend.
+func underMetadata(name string, backend testsuite.SnapshotterFunc) testsuite.SnapshotterFunc {
+	return func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+		backendRoot := filepath.Join(root, "backend")
+		if err := os.Mkdir(backendRoot, 0o700); err != nil {
+			return nil, nil, err
+		}
+		sn, stop, err := backend(ctx, backendRoot)
+		if err != nil {
+			return nil, nil, err
+		}
+		db, err := bolt.Open(filepath.Join(root, "metadata.db"), 0o600, nil)
+		if err != nil {
+			_ = stop()
+			return nil, nil, err
+		}
+		msn := metadata.NewDB(db, nil, map[string]snapshots.Snapshotter{name: sn}).Snapshotter(name)
+		return msn, func() error {
+			closeErr := msn.Close()
+			dbErr := db.Close()
+			if err := stop(); err != nil {
+				return err
+			}
+			if closeErr != nil {
+				return closeErr
+			}
+			return dbErr
+		}, nil
+	}
+}
+
+// withoutNamespaceHeader drops the containerd-namespace header from outgoing calls.
+func withoutNamespaceHeader(ctx context.Context) context.Context {
+	md, ok := grpcmetadata.FromOutgoingContext(ctx)
+	if !ok {
+		return ctx
+	}
+	md = md.Copy()
+	delete(md, namespaces.GRPCHeader)
+	return grpcmetadata.NewOutgoingContext(ctx, md)
 }
 
 // startLiftoff starts `liftoff snapshotter` with its state and socket under root,
-// waits for the socket and returns containerd's proxy snapshotter over it.
-func startLiftoff(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+// waits for the socket and returns containerd's proxy snapshotter over it
+// (sending no namespace header when noHeader is set).
+func startLiftoff(ctx context.Context, root string, noHeader bool) (snapshots.Snapshotter, func() error, error) {
 	state := filepath.Join(root, "state")
 	socket := filepath.Join(root, "run", "snapshotter.sock")
 	logPath := filepath.Join(root, "liftoff.log")
@@ -115,7 +186,17 @@ func startLiftoff(ctx context.Context, root string) (snapshots.Snapshotter, func
 	}
 	dialCtx, cancel := context.WithTimeout(ctx, startTimeout)
 	defer cancel()
-	conn, err := grpc.DialContext(dialCtx, socket, grpc.WithInsecure(), grpc.WithBlock(), grpc.WithContextDialer(dialer))
+	options := []grpc.DialOption{grpc.WithInsecure(), grpc.WithBlock(), grpc.WithContextDialer(dialer)}
+	if noHeader {
+		options = append(options,
+			grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+				return invoker(withoutNamespaceHeader(ctx), method, req, reply, cc, opts...)
+			}),
+			grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+				return streamer(withoutNamespaceHeader(ctx), desc, cc, method, opts...)
+			}))
+	}
+	conn, err := grpc.DialContext(dialCtx, socket, options...)
 	if err != nil {
 		return failed(fmt.Errorf("cannot connect to %s: %v", socket, err))
 	}
@@ -152,7 +233,11 @@ func keepLog(root, logPath string) {
 	if *logDir == "" {
 		return
 	}
-	name := filepath.Base(filepath.Dir(root)) + ".log"
+	dir := root
+	for filepath.Dir(dir) != dir && !strings.HasPrefix(filepath.Base(dir), "snapshot-suite-") {
+		dir = filepath.Dir(dir)
+	}
+	name := filepath.Base(dir) + ".log"
 	src, err := os.Open(logPath)
 	if err != nil {
 		return

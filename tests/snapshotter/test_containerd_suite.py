@@ -1,5 +1,6 @@
 """containerd's own snapshotter conformance suite (snapshots/testsuite), run by scripts/conformance:
-every test that passes on containerd's overlayfs snapshotter must pass on `liftoff snapshotter`."""
+every test that passes on containerd's overlayfs snapshotter must pass on `liftoff snapshotter`, both
+called directly and under containerd's metadata layer (`-md`: `<ns>/<seq>/` keys, no namespace header)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "conformance"
 SUITE_TESTS = 21  # containerd 1.6's SnapshotterSuite (Rename is skipped by the suite itself)
+PAIRS = {"liftoff": "overlayfs", "liftoff-md": "overlayfs-md"}  # each liftoff run and its control
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +38,11 @@ def test_liftoff_passes_what_overlayfs_passes(tmp_path):
     output = done.stdout + done.stderr
     results = report["results"]
     assert len(results) == SUITE_TESTS, output
-    passing = [name for name, by_suite in results.items() if by_suite.get("overlayfs") == "PASS"]
-    assert len(passing) >= SUITE_TESTS - 1, f"the overlayfs control itself fails here:\n{output}"
-    failing = [name for name in passing if results[name].get("liftoff") != "PASS"]
-    assert not failing, f"liftoff fails {failing}, which overlayfs passes:\n{output}"
+    for run, control in PAIRS.items():
+        passing = [name for name, by_suite in results.items() if by_suite.get(control) == "PASS"]
+        assert len(passing) >= SUITE_TESTS - 1, f"the {control} control itself fails here:\n{output}"
+        failing = [name for name in passing if results[name].get(run) != "PASS"]
+        assert not failing, f"{run} fails {failing}, which {control} passes:\n{output}"
     assert report["regressions"] == [] and done.returncode == 0, output
     assert "summary: 21 tests; overlayfs" in done.stdout
 
@@ -52,7 +55,8 @@ def test_the_script_fails_when_liftoff_does(tmp_path):
     done, report = _conformance(tmp_path, "--liftoff", str(broken), "--run", "^(Basic|StatActive)$")
     assert done.returncode == 1, done.stdout + done.stderr
     assert report["results"] == {
-        "Basic": {"overlayfs": "PASS", "liftoff": "FAIL"},
-        "StatActive": {"overlayfs": "PASS", "liftoff": "FAIL"},
+        name: {"overlayfs": "PASS", "liftoff": "FAIL", "overlayfs-md": "PASS", "liftoff-md": "FAIL"}
+        for name in ("Basic", "StatActive")
     }
-    assert "FAILED on liftoff but passed on overlayfs: Basic, StatActive" in done.stderr
+    assert report["regressions"] == ["liftoff/Basic", "liftoff-md/Basic", "liftoff/StatActive", "liftoff-md/StatActive"]
+    assert "FAILED on liftoff but passed on overlayfs: liftoff/Basic" in done.stderr
