@@ -20,6 +20,16 @@ def _size(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert an OCI image into the chunked store format")
     p.add_argument("source", help="registry reference (host[:port]/repo:tag or @sha256:...) or oci:DIR[:TAG]")
@@ -31,6 +41,12 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, help="chunk compress/upload threads (default: cores, or 16 for s3 stores)")
     p.add_argument("--layer-jobs", type=int, help="layers converted at once (default: half the cores, at least 1)")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level for chunks (default 3)")
+    p.add_argument(
+        "--fetch-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="the longest one manifest or blob download may take (default: 10 min plus its size at 256 KiB/s)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON summary object")
     p.set_defaults(run=run_convert)
 
@@ -90,13 +106,16 @@ def run_convert(args: argparse.Namespace) -> int:
     from layerstore.stores import open_stores
 
     stores = open_stores(args.store, **store_options(args))
-    source = open_source(args.source, plain_http=args.plain_http, docker_config=args.docker_config)
+    source = open_source(
+        args.source, plain_http=args.plain_http, docker_config=args.docker_config, fetch_timeout=args.fetch_timeout
+    )
     options = ConvertOptions(
         chunk_size=args.chunk_size,
         platforms=args.platform,
         workers=max(1, args.workers) if args.workers else None,
         layer_jobs=max(1, args.layer_jobs) if args.layer_jobs else ConvertOptions.layer_jobs,
         zstd_level=args.zstd_level,
+        fetch_timeout=args.fetch_timeout,
         progress=Progress(enabled=None if not args.json else False),
     )
     try:

@@ -26,6 +26,7 @@ from layerstore.index import decode_index, encode_index
 from layerstore.layout import chain_key, image_key, layer_index_key
 from layerstore.leases import writing
 from layerstore.oci import mediatypes
+from layerstore.oci.bounded import BoundedReader, fetch_deadline
 from layerstore.oci.source import ImageSource, read_blob
 from layerstore.records import ChainRecord, ImageRecord, IndexRecord, LayerRecord, parse_image_key_record
 from layerstore.stores import Store
@@ -42,6 +43,7 @@ class ConvertOptions:
     workers: int | None = None  # chunk hash/compress/upload threads (default: see default_workers)
     layer_jobs: int = max(1, (os.cpu_count() or 2) // 2)  # layers converted at once
     zstd_level: int = 3
+    fetch_timeout: float | None = None  # seconds one blob fetch may take (default: scaled from its size)
     progress: Progress = field(default_factory=lambda: Progress(enabled=False))
 
 
@@ -169,12 +171,20 @@ def _convert_index(source, stores, options, uploader, digest, media_type, body, 
     return results
 
 
-def _read_config(source: ImageSource, doc: dict, what: str) -> tuple[str, bytes, dict]:
+def _read_config(source: ImageSource, doc: dict, what: str, fetch_timeout: float | None) -> tuple[str, bytes, dict]:
     config_desc = doc.get("config")
     if not isinstance(config_desc, dict):
         raise ImageError(f"{what}: manifest has no config descriptor")
     config_digest = check_digest(config_desc.get("digest", ""), "config digest")
-    config = read_blob(source, config_digest, MAX_CONFIG_BYTES, "config")
+    size = config_desc.get("size")
+    config = read_blob(
+        source,
+        config_digest,
+        MAX_CONFIG_BYTES,
+        "config",
+        size=size if isinstance(size, int) and size >= 0 else None,
+        fetch_timeout=fetch_timeout,
+    )
     try:
         parsed = json.loads(config)
         diff_ids = parsed["rootfs"]["diff_ids"]
@@ -187,7 +197,7 @@ def _read_config(source: ImageSource, doc: dict, what: str) -> tuple[str, bytes,
 
 def _convert_manifest(source, stores, options, uploader, digest, media_type, body, doc) -> ManifestResult:
     what = f"{source.name}@{digest}" if source.name.split("@")[-1] != digest else source.name
-    config_digest, config, parsed = _read_config(source, doc, what)
+    config_digest, config, parsed = _read_config(source, doc, what, options.fetch_timeout)
     layers = doc["layers"]
     diff_ids = parsed["rootfs"]["diff_ids"]
     if len(diff_ids) != len(layers):
@@ -196,10 +206,13 @@ def _convert_manifest(source, stores, options, uploader, digest, media_type, bod
     for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
         if not isinstance(layer, dict):
             raise ImageError(f"{what}: layer {i + 1} descriptor is not an object")
+        size = layer.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ImageError(f"{what}: layer {i + 1} descriptor has no valid size ({size!r})")
         specs.append(
             LayerSpec(
                 digest=check_digest(layer.get("digest", ""), f"layer {i + 1} digest"),
-                size=int(layer.get("size", -1)),
+                size=size,
                 media_type=str(layer.get("mediaType", "")),
                 diff_id=check_digest(diff_id, f"layer {i + 1} diff_id"),
             )
@@ -269,7 +282,10 @@ def _convert_one_layer(source, stores, options, uploader, spec: LayerSpec, chain
             raise ImageError(f"uncompressed digest {existing.diff_id} does not match the config's diff_id {spec.diff_id}")
         files = len(existing.entries)
         return LayerResult(spec.digest, spec.diff_id, chain_id, existing.tar_size, files, len(existing.chunks), 0, 0, True)
-    with source.open_blob(spec.digest) as blob:
+    with source.open_blob(spec.digest) as raw:
+        blob = BoundedReader(  # stops one byte past the declared size, and at the fetch deadline
+            raw, limit=spec.size, seconds=fetch_deadline(spec.size, options.fetch_timeout), what="the blob"
+        )
         converted = convert_layer(
             spec, blob, uploader, options.chunk_size, lambda n: options.progress.layer_bytes(spec.digest, n)
         )

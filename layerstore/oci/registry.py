@@ -1,4 +1,9 @@
-"""A client for the OCI distribution API: manifests and blobs, with docker's auth flows."""
+"""A client for the OCI distribution API: manifests and blobs, with docker's auth flows.
+
+Redirects (registries send blob downloads to a CDN or an object store) are followed here, not by
+requests, so that a failure names the host that failed and the registry that sent us there; the
+Authorization header is not sent to another host, and https is never followed down to http.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,20 @@ import hashlib
 import re
 import threading
 from typing import BinaryIO
+from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 from layerstore.digests import check_digest
 from layerstore.errors import ImageError, RegistryError
 from layerstore.oci import mediatypes
 from layerstore.oci.auth import DockerCredentials
+from layerstore.oci.bounded import BoundedReader, fetch_deadline
 from layerstore.oci.reference import Reference
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+MAX_REDIRECTS = 5
 
 
 class RegistryClient:
@@ -30,13 +39,17 @@ class RegistryClient:
         plain_http: bool = False,
         credentials: DockerCredentials | None = None,
         timeout: float = 60.0,
+        fetch_timeout: float | None = None,
     ) -> None:
+        """`timeout`: seconds without a byte before a request fails; `fetch_timeout`: the whole-fetch deadline
+        for manifests (default: scaled from the size, layerstore.oci.bounded)."""
         self.registry = registry
         host = endpoint or registry
         self.base = f"{'http' if plain_http else 'https'}://{host}"
         self.plain_http = plain_http
         self.credentials = credentials if credentials is not None else DockerCredentials()
         self.timeout = timeout
+        self.fetch_timeout = fetch_timeout
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
@@ -55,30 +68,57 @@ class RegistryClient:
         for session in self._sessions:
             session.close()
 
-    def _request(self, method: str, path: str, repository: str, headers: dict[str, str], stream: bool) -> requests.Response:
+    def _request(
+        self, method: str, path: str, repository: str, headers: dict[str, str], stream: bool, what: str
+    ) -> requests.Response:
         scope = f"repository:{repository}:pull"
         url = self.base + path
         for attempt in range(2):
             sent = dict(headers)
             if scope in self._auth:
                 sent["Authorization"] = self._auth[scope]
-            try:
-                response = self.session.request(method, url, headers=sent, stream=stream, timeout=self.timeout)
-            except requests.exceptions.SSLError as e:
-                reason = re.search(r"SSLError\(\d+, '([^']+)'", str(e))
-                detail = reason.group(1) if reason else "handshake failed"
-                raise RegistryError(
-                    f"TLS failed talking to {self.registry} ({detail}); for a plain-HTTP registry pass --plain-http"
-                ) from None
-            except requests.exceptions.RequestException as e:
-                hint = "" if self.plain_http else " (for a plain-HTTP registry pass --plain-http)"
-                raise RegistryError(f"registry {self.registry} is unreachable: {_short(e)}{hint}") from None
+            response = self._send(method, url, sent, stream, what)
             if response.status_code != 401 or attempt == 1:
                 return response
             challenge = response.headers.get("WWW-Authenticate", "")
             response.close()
             self._auth[scope] = self._authorize(challenge, scope)
         raise AssertionError("unreachable")
+
+    def _send(self, method: str, url: str, headers: dict[str, str], stream: bool, what: str) -> requests.Response:
+        """One request, following redirects itself: an error names the host that failed."""
+        origin = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            host = urlsplit(url).netloc
+            via = "" if host == origin else f" (registry {self.registry} redirected {what} there)"
+            try:
+                response = self.session.request(
+                    method, url, headers=headers, stream=stream, timeout=self.timeout, allow_redirects=False
+                )
+            except requests.exceptions.SSLError as e:
+                reason = re.search(r"SSLError\(\d+, '([^']+)'", str(e))
+                detail = reason.group(1) if reason else "handshake failed"
+                if via:
+                    raise RegistryError(f"TLS failed talking to {host} ({detail}){via}") from None
+                raise RegistryError(
+                    f"TLS failed talking to {self.registry} ({detail}); for a plain-HTTP registry pass --plain-http"
+                ) from None
+            except requests.exceptions.RequestException as e:
+                if via:
+                    raise RegistryError(f"{host} is unreachable: {_short(e)}{via}") from None
+                hint = "" if self.plain_http else " (for a plain-HTTP registry pass --plain-http)"
+                raise RegistryError(f"registry {self.registry} is unreachable: {_short(e)}{hint}") from None
+            if not response.is_redirect:
+                return response
+            target = urljoin(url, response.headers["Location"])
+            response.close()
+            scheme = urlsplit(target).scheme
+            if scheme not in ("http", "https") or (url.startswith("https:") and scheme == "http"):
+                raise RegistryError(f"{host} redirected {what} to {target[:200]!r}, which is not followed (not https)")
+            if urlsplit(target).netloc != host:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}  # a CDN gets a signed URL
+            url = target
+        raise RegistryError(f"registry {self.registry} redirected {what} more than {MAX_REDIRECTS} times")
 
     def _authorize(self, challenge: str, scope: str) -> str:
         scheme = challenge.split(" ", 1)[0].lower()
@@ -140,12 +180,17 @@ class RegistryClient:
             else f"manifest {reference.repository}@{ref}"
         )
         response = self._request(
-            "GET", f"/v2/{reference.repository}/manifests/{ref}", reference.repository, {"Accept": mediatypes.ACCEPT}, stream=True
+            "GET",
+            f"/v2/{reference.repository}/manifests/{ref}",
+            reference.repository,
+            {"Accept": mediatypes.ACCEPT},
+            stream=True,
+            what=what,
         )
         with response:
             if response.status_code != 200:
                 raise self._error(response, what)
-            body = _read_limited(response, mediatypes.MAX_MANIFEST_BYTES, f"{reference}: {what}")
+            body = self._read_limited(response, mediatypes.MAX_MANIFEST_BYTES, f"{reference}: {what}")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if ref.startswith("sha256:") and digest != ref:
             raise ImageError(f"{reference}: {what} has digest {digest}, not the requested one")
@@ -158,7 +203,8 @@ class RegistryClient:
     def open_blob(self, reference: Reference, digest: str) -> BinaryIO:
         """A stream of a blob's bytes (the caller verifies the digest while reading)."""
         check_digest(digest)
-        response = self._request("GET", f"/v2/{reference.repository}/blobs/{digest}", reference.repository, {}, stream=True)
+        what = f"blob {digest} of {reference.repository}"
+        response = self._request("GET", f"/v2/{reference.repository}/blobs/{digest}", reference.repository, {}, True, what)
         if response.status_code != 200:
             error = self._error(response, f"blob {digest} of {reference.repository}")
             response.close()
@@ -166,15 +212,27 @@ class RegistryClient:
         response.raw.decode_content = False
         return response.raw
 
-
-def _read_limited(response: requests.Response, limit: int, what: str) -> bytes:
-    declared = int(response.headers.get("Content-Length") or 0)
-    if declared > limit:
-        raise ImageError(f"{what}: {declared} bytes is over the {limit} byte limit")
-    body = response.raw.read(limit + 1, decode_content=True)
-    if len(body) > limit:
-        raise ImageError(f"{what}: over the {limit} byte limit")
-    return body
+    def _read_limited(self, response: requests.Response, limit: int, what: str) -> bytes:
+        """A small body (a manifest), at most `limit` bytes, within the fetch deadline."""
+        length = response.headers.get("Content-Length", "")
+        declared = int(length) if length.isdigit() else None
+        if declared is not None and declared > limit:
+            raise ImageError(f"{what}: {declared} bytes is over the {limit} byte limit")
+        response.raw.decode_content = True
+        reader = BoundedReader(
+            response.raw,  # type: ignore[arg-type]
+            limit=limit,
+            seconds=fetch_deadline(limit, self.fetch_timeout),
+            what=what,
+            declared="allowed",
+            expected=declared,
+        )
+        try:
+            return reader.read_all()
+        except ImageError:
+            raise ImageError(f"{what}: over the {limit} byte limit") from None
+        except urllib3.exceptions.HTTPError as e:
+            raise RegistryError(f"{what}: reading it from {self.registry} failed: {_short(e)}") from None
 
 
 def _basic(user: str, password: str) -> str:

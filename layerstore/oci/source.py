@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from layerstore.digests import check_digest, hex_of
-from layerstore.errors import ImageError
+from layerstore.errors import ImageError, LiftoffError
+from layerstore.oci import mediatypes
 from layerstore.oci.auth import DockerCredentials
+from layerstore.oci.bounded import BoundedReader, fetch_deadline
 from layerstore.oci.reference import Reference, parse_reference
 from layerstore.oci.registry import RegistryClient
 
@@ -38,12 +40,23 @@ class ImageSource(Protocol):
     def close(self) -> None: ...
 
 
-def read_blob(source: ImageSource, digest: str, limit: int, what: str) -> bytes:
-    """A small blob (a config), read whole and digest-verified."""
+def read_blob(
+    source: ImageSource, digest: str, limit: int, what: str, *, size: int | None = None, fetch_timeout: float | None = None
+) -> bytes:
+    """A small blob (a config), read whole and digest-verified: at most `limit` bytes, and at most the
+    descriptor's `size` where given, within the fetch deadline."""
+    if size is not None and size > limit:
+        raise ImageError(f"{source.name}: {what} {digest} is {size} bytes, over the {limit} byte limit")
+    bound = limit if size is None else size
+    declared = "the descriptor declares" if size is not None else "allowed"
     with source.open_blob(digest) as stream:
-        data = stream.read(limit + 1)
-    if len(data) > limit:
-        raise ImageError(f"{source.name}: {what} {digest} is over the {limit} byte limit")
+        reader = BoundedReader(
+            stream, limit=bound, seconds=fetch_deadline(bound, fetch_timeout), what=f"{what} {digest}", declared=declared
+        )
+        try:
+            data = reader.read_all()
+        except LiftoffError as e:
+            raise type(e)(f"{source.name}: {e}") from None
     if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
         raise ImageError(f"{source.name}: {what} {digest} does not match its digest")
     return data
@@ -52,7 +65,9 @@ def read_blob(source: ImageSource, digest: str, limit: int, what: str) -> bytes:
 class RegistrySource:
     """An image in a registry, by reference (host[:port]/repo[:tag][@digest])."""
 
-    def __init__(self, text: str, *, plain_http: bool = False, docker_config: str | None = None) -> None:
+    def __init__(
+        self, text: str, *, plain_http: bool = False, docker_config: str | None = None, fetch_timeout: float | None = None
+    ) -> None:
         self.name = text
         self.ref: Reference = parse_reference(text)
         # Record tags, not digests: the record's own key is the digest.
@@ -62,6 +77,7 @@ class RegistrySource:
             endpoint=self.ref.endpoint,
             plain_http=plain_http,
             credentials=DockerCredentials(docker_config),
+            fetch_timeout=fetch_timeout,
         )
 
     def resolve(self) -> tuple[str, bytes, str]:
@@ -98,7 +114,7 @@ class LayoutSource:
 
     def resolve(self) -> tuple[str, bytes, str]:
         try:
-            index = json.loads((self.root / "index.json").read_text())
+            index = json.loads(_read_capped(self.root / "index.json", mediatypes.MAX_MANIFEST_BYTES, f"{self.name}: index.json"))
             manifests = index["manifests"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ImageError(f"{self.name}: malformed index.json ({e})") from None
@@ -120,7 +136,7 @@ class LayoutSource:
 
     def manifest(self, digest: str) -> tuple[str, bytes]:
         try:
-            body = self._blob_path(digest).read_bytes()
+            body = _read_capped(self._blob_path(digest), mediatypes.MAX_MANIFEST_BYTES, f"{self.name}: manifest blob {digest}")
         except FileNotFoundError:
             raise ImageError(f"{self.name}: manifest blob {digest} is missing from the layout") from None
         if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
@@ -137,8 +153,20 @@ class LayoutSource:
         pass
 
 
-def open_source(text: str, *, plain_http: bool = False, docker_config: str | None = None) -> ImageSource:
-    """An ImageSource for `oci:DIR[:TAG]` or a registry reference."""
+def _read_capped(path: Path, limit: int, what: str) -> bytes:
+    """A small file, refused unread when it is over `limit` bytes (a layout's manifest may be hostile)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise ImageError(f"{what} is {max(size, len(data))} bytes, over the {limit} byte limit")
+    return data
+
+
+def open_source(
+    text: str, *, plain_http: bool = False, docker_config: str | None = None, fetch_timeout: float | None = None
+) -> ImageSource:
+    """An ImageSource for `oci:DIR[:TAG]` or a registry reference; `fetch_timeout` replaces the scaled fetch deadline."""
     if text.startswith("oci:"):
         return LayoutSource(text)
-    return RegistrySource(text, plain_http=plain_http, docker_config=docker_config)
+    return RegistrySource(text, plain_http=plain_http, docker_config=docker_config, fetch_timeout=fetch_timeout)

@@ -6,14 +6,21 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import tempfile
+import threading
+import time
 
 import pytest
 
-from layerstore.layout import IMAGES
+from layerstore.layout import IMAGES, LAYERS, layer_index_key
 from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.stores import open_store
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+from tests.converter.slowregistry import HostileRegistry
 
 
 def _sha(data: bytes) -> str:
@@ -176,3 +183,160 @@ def test_device_nodes_and_odd_symlinks_are_legal(tmp_path, file_store_url):
     writer.tag(writer.add_image([layer]), "ok")
     run_cli("convert", f"oci:{tmp_path / 'ok'}:ok", "--store", file_store_url)
     assert len(list(open_store(file_store_url).list(IMAGES))) == 1
+
+
+# Hostile sizes and streams: each ends in bounded time and memory with one line, and nothing in the store.
+
+TAR = "application/vnd.oci.image.layer.v1.tar"
+TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+PEAK_RSS_LIMIT = 400 << 20  # a small conversion peaks near 100 MB here; the hostile inputs asked for GBs
+
+
+def convert_measured(*args: str, timeout: float = 120) -> tuple[int, str, int]:
+    """`liftoff convert ARGS` in a child process: (exit code, stderr, the child's own peak RSS in bytes)."""
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "layerstore.cli", "convert", *args], stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT
+        )
+        timer = threading.Timer(timeout, child.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)  # this child's rusage, not every child's so far
+        finally:
+            timer.cancel()
+        child.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return child.returncode, err.read().decode(), usage.ru_maxrss * 1024
+
+
+def assert_refused(code: int, stderr: str, store_url: str, *needles: str, bad_layer: str | None = None) -> str:
+    """Exit 1 with one line holding every needle; no image record in the store, and no index of `bad_layer`
+    (default: no layer index at all)."""
+    assert code == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    store = open_store(store_url)
+    assert list(store.list(IMAGES)) == []
+    indexes = list(store.list(LAYERS))
+    assert (layer_index_key(bad_layer) not in indexes) if bad_layer else indexes == [], indexes
+    return lines[0]
+
+
+def _special_header(typeflag: bytes, size: int) -> bytes:
+    info = tarfile.TarInfo("././@PaxHeader" if typeflag == b"x" else "././@LongLink")
+    info.type, info.size = typeflag, size
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+@pytest.mark.parametrize(("typeflag", "kind"), [(b"x", "pax extended header"), (b"L", "GNU long name")])
+def test_huge_pax_or_long_name_header_is_refused_in_bounded_memory(tmp_path, file_store_url, typeflag, kind):
+    """A 1.5 MB layer (1537 gzip members) whose one header declares, and carries, 1.5 GB of metadata."""
+    payload = 1536 << 20
+    zeros = gzip.compress(bytes(1 << 20), mtime=0)
+    before = tarfile.TarInfo("before")
+    before.size = 3
+    head = before.tobuf(format=tarfile.USTAR_FORMAT) + b"ok\n".ljust(512, b"\0")
+    blob = gzip.compress(head + _special_header(typeflag, payload), mtime=0)
+    blob += zeros * (payload >> 20)
+    assert len(blob) < 3 << 20
+    source = layout_with(tmp_path, blob, TAR_GZIP, _sha(b"never reached"))
+    code, stderr, peak = convert_measured(source, "--store", file_store_url)
+    line = assert_refused(code, stderr, file_store_url, "layer 2/2 sha256:", kind, "1 MiB limit", "@", bad_layer=_sha(blob))
+    assert str(payload) in line and "'before'" in line, line
+    assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak >> 20} MiB"
+
+
+def _one_layer_registry(behaviour: str, target: str, **kw) -> tuple[HostileRegistry, dict]:
+    registry = HostileRegistry(**kw)
+    tar = make_tar([Member("f", data=bytes(range(256)) * 64)])
+    digests = registry.add_image("v1", [(tar, TAR, _sha(tar))], sizes={0: 1024} if behaviour == "endless" else None)
+    key = {"manifest": "v1", "config": digests["config"], "layer": digests["layers"][0]}[target]
+    registry.behaviour[key] = behaviour
+    return registry, digests
+
+
+def test_blob_longer_than_its_descriptor_is_cut_off_after_one_byte_more(file_store_url):
+    """The manifest says 1,024 bytes; the registry announces and streams 10 GiB."""
+    registry, digests = _one_layer_registry("endless", "layer")
+    try:
+        started = time.monotonic()
+        code, stderr, peak = convert_measured(f"{registry.host}/app:v1", "--plain-http", "--store", file_store_url, timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        registry.stop()
+    assert_refused(code, stderr, file_store_url, digests["layers"][0], "more than the 1024 bytes", "1025")
+    assert elapsed < 30 and registry.sent[digests["layers"][0]] < 64 << 20, (elapsed, registry.sent)
+    assert peak < PEAK_RSS_LIMIT
+
+
+@pytest.mark.parametrize("target", ["manifest", "config", "layer"])
+def test_endless_trickle_ends_at_the_fetch_deadline(file_store_url, target):
+    """One byte every 50 ms, announcing ten times the real length: --fetch-timeout 1 ends it after a second."""
+    registry, digests = _one_layer_registry("trickle", target)
+    try:
+        started = time.monotonic()
+        code, stderr, _ = convert_measured(
+            f"{registry.host}/app:v1", "--plain-http", "--fetch-timeout", "1", "--store", file_store_url, timeout=60
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        registry.stop()
+    named = {"manifest": "manifest app:v1", "config": digests["config"], "layer": digests["layers"][0]}[target]
+    line = assert_refused(code, stderr, file_store_url, named, "arrived in", "--fetch-timeout")
+    assert elapsed < 20, (elapsed, line)
+
+
+def test_fetch_deadline_scales_with_size():
+    from layerstore.oci.bounded import DEADLINE_FLOOR, fetch_deadline
+
+    assert DEADLINE_FLOOR <= fetch_deadline(1024) < DEADLINE_FLOOR + 1
+    assert fetch_deadline(5 << 30) > 4 * 3600  # a 5 GiB layer on a ~2 Mbit/s link still completes
+    assert fetch_deadline(5 << 30, 30.0) == 30.0
+
+
+def test_redirect_to_an_unresolvable_host_names_that_host(file_store_url):
+    registry, digests = _one_layer_registry("", "layer")
+    layer = digests["layers"][0]
+    registry.behaviour[layer] = f"redirect:http://blobs.invalid:9/signed/{layer}"
+    try:
+        done = run_cli("convert", f"{registry.host}/app:v1", "--plain-http", "--store", file_store_url, check=False, timeout=60)
+    finally:
+        registry.stop()
+    line = assert_refused(done.returncode, done.stderr, file_store_url, "blobs.invalid", "redirect", registry.host, layer)
+    assert f"registry {registry.host} is unreachable" not in line
+
+
+def test_redirect_to_a_working_host_is_followed(file_store_url):
+    """A blob sent to another host (a CDN) still converts: redirects are followed by hand now."""
+    registry, digests = _one_layer_registry("", "layer")
+    cdn = HostileRegistry()
+    cdn.blobs.update(registry.blobs)
+    layer = digests["layers"][0]
+    registry.behaviour[layer] = f"redirect:http://localhost:{cdn.host.split(':')[1]}/v2/cdn/blobs/{layer}"
+    try:
+        run_cli("convert", f"{registry.host}/app:v1", "--plain-http", "--store", file_store_url, timeout=60)
+    finally:
+        registry.stop()
+        cdn.stop()
+    assert cdn.sent[layer] == len(registry.blobs[layer])
+    assert list(open_store(file_store_url).list(IMAGES)) != []
+
+
+@pytest.mark.parametrize("which", ["index.json", "manifest"])
+def test_huge_layout_file_is_refused_in_bounded_memory(tmp_path, file_store_url, which):
+    """A 2 GiB (sparse) index.json or manifest blob in an OCI layout is not read into memory."""
+    writer = LayoutWriter(tmp_path / "big")
+    writer.tag(writer.add_image([GOOD]), "v1")
+    index = tmp_path / "big" / "index.json"
+    if which == "index.json":
+        path = index
+    else:
+        digest = json.loads(index.read_text())["manifests"][0]["digest"]
+        path = tmp_path / "big" / "blobs" / "sha256" / digest.split(":")[1]
+    with open(path, "r+b") as f:
+        f.truncate(2 << 30)
+    code, stderr, peak = convert_measured(f"oci:{tmp_path / 'big'}:v1", "--store", file_store_url)
+    assert_refused(code, stderr, file_store_url, "byte limit", which if which == "index.json" else "manifest")
+    assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak >> 20} MiB"
