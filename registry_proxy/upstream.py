@@ -118,6 +118,9 @@ class UpstreamClient:
         except aiohttp.ClientConnectorError as e:
             self.metrics.upstream_errors.labels(self.name, "unreachable").inc()
             reason = e.os_error.strerror if e.os_error and e.os_error.strerror else str(e)
+            host = urlsplit(url).netloc
+            if host != urlsplit(self.upstream.url).netloc:  # name the host that failed, not the one that sent us there
+                raise bad_gateway(f"{host} is unreachable: {reason} (upstream {self.name} redirected {what} there)") from None
             raise bad_gateway(f"upstream {self.name} ({self.upstream.url}) is unreachable: {reason}") from None
         except aiohttp.ClientError as e:
             self.metrics.upstream_errors.labels(self.name, "connection").inc()

@@ -340,3 +340,21 @@ def test_huge_layout_file_is_refused_in_bounded_memory(tmp_path, file_store_url,
     code, stderr, peak = convert_measured(f"oci:{tmp_path / 'big'}:v1", "--store", file_store_url)
     assert_refused(code, stderr, file_store_url, "byte limit", which if which == "index.json" else "manifest")
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak >> 20} MiB"
+
+
+def test_proxy_names_the_redirect_host_that_failed(tmp_path):
+    """The registry proxy's upstream fetch follows the same rule as the converter's client."""
+    from tests.proxy.helpers import start_proxy
+
+    registry, digests = _one_layer_registry("", "layer")
+    layer = digests["layers"][0]
+    registry.behaviour[layer] = f"redirect:http://blobs.invalid:9/signed/{layer}"
+    proxy = start_proxy(tmp_path / "proxy", [(registry.host, f"http://{registry.host}")])
+    try:
+        response = proxy.get(f"/v2/app/blobs/{layer}", ns=registry.host)
+    finally:
+        proxy.stop()
+        registry.stop()
+    assert response.status_code == 502, response.text
+    message = response.json()["errors"][0]["message"]
+    assert "blobs.invalid" in message and f"upstream {registry.host} redirected blob" in message, message
