@@ -39,7 +39,9 @@ def parse_index(data: bytes, where: str) -> dict[str, str]:
     try:
         doc = json.loads(data)
     except ValueError as e:
-        raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
+        raise CheckpointFormatError(f"{where}: not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{where}: JSON nested too deeply to be an index: corrupt or hostile file") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointFormatError(f'{where}: needs a non-empty "weight_map" object (tensor name -> shard file)')
@@ -112,7 +114,9 @@ def parse_manifest(data: bytes, where: str) -> dict[str, str]:
         try:
             doc = json.loads(text)
         except ValueError as e:
-            raise CheckpointFormatError(f"{where}: manifest is not valid JSON ({e})") from None
+            raise CheckpointFormatError(f"{where}: manifest is not valid JSON ({str(e)[:200]})") from None
+        except RecursionError:
+            raise CheckpointFormatError(f"{where}: manifest JSON nested too deeply: corrupt or hostile file") from None
         items = doc.items() if isinstance(doc, dict) else []
     else:
         items = []

@@ -8,7 +8,6 @@ the loader relies on happens here, before a byte of data is fetched.
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 
@@ -18,6 +17,8 @@ from weightstream.errors import CheckpointFormatError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 PREFIX_BYTES = 8
+MAX_DIM = (1 << 63) - 1  # torch sizes are int64; the product of a shape's non-zero dims must fit too
+_SHOWN = 200  # characters of a hostile value quoted in a message
 
 # safetensors dtype code -> torch dtype: the set safetensors.torch maps (those torch supports).
 DTYPES: dict[str, torch.dtype] = {
@@ -80,6 +81,28 @@ def _fail(file: str, message: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{file}: {message}")
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def _short(value: object) -> str:
+    """repr(value), cut to a readable length (names and shapes in a hostile header can be megabytes)."""
+    return _cut(repr(value) if not isinstance(value, list) or len(value) <= _SHOWN else repr(value[:20])[:-1] + ", ...]")
+
+
+def _numel(shape: list[int]) -> int | None:
+    """The element count, or None when the non-zero dims multiply past int64 (stops as soon as they do)."""
+    product, empty = 1, False
+    for dim in shape:
+        if dim == 0:
+            empty = True
+        elif dim > MAX_DIM or product * dim > MAX_DIM:
+            return None
+        else:
+            product *= dim
+    return 0 if empty else product
+
+
 def header_length(prefix: bytes, object_size: int, file: str) -> int:
     """The JSON header's length from the first 8 bytes, checked against the object's size."""
     if object_size < PREFIX_BYTES or len(prefix) < PREFIX_BYTES:
@@ -124,41 +147,51 @@ def parse_header(raw: bytes, object_size: int, file: str) -> Header:
     try:
         doc = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
-        raise _fail(file, f"header is not valid JSON ({e}): corrupt file") from None
+        raise _fail(file, f"header is not valid JSON ({_cut(str(e))}): corrupt file") from None
+    except RecursionError:
+        raise _fail(
+            file, "header JSON is nested too deeply (a safetensors header is 3 levels deep): corrupt or hostile file"
+        ) from None
     if not isinstance(doc, dict):
         raise _fail(file, "header is not a JSON object")
     data_start = PREFIX_BYTES + n
     data_size = object_size - data_start
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise _fail(file, "__metadata__ must map strings to strings")
     tensors: list[TensorInfo] = []
     for name, entry in doc.items():
-        where = f"tensor {name!r}"
+        where = f"tensor {_short(name)}"
         if not isinstance(entry, dict):
             raise _fail(file, f"{where}: entry is not a JSON object")
         dtype = entry.get("dtype")
         if not isinstance(dtype, str):
             raise _fail(file, f"{where}: missing or non-string dtype")
         if dtype not in DTYPES:
-            raise _fail(file, f"{where}: unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+            raise _fail(file, f"{where}: unknown dtype {_short(dtype)} (supported: {', '.join(DTYPES)})")
         shape = _int_list(entry.get("shape"))
         if shape is None:
-            raise _fail(file, f"{where}: shape must be a list of non-negative integers, got {entry.get('shape')!r}")
+            raise _fail(file, f"{where}: shape must be a list of non-negative integers, got {_short(entry.get('shape'))}")
         offsets = _int_list(entry.get("data_offsets"), 2)
         if offsets is None or offsets[0] > offsets[1]:
             raise _fail(
-                file, f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {entry.get('data_offsets')!r}"
+                file,
+                f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_short(entry.get('data_offsets'))}",
             )
         begin, end = offsets
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if end > data_size:
+            raise _fail(file, f"{where}: data_offsets {_short(offsets)} run past the {data_size}-byte data section")
+        numel = _numel(shape)
+        if numel is None:
+            raise _fail(file, f"{where}: shape {_short(shape)} overflows a 64-bit element count: corrupt or hostile file")
+        expected = numel * DTYPES[dtype].itemsize
         if end - begin != expected:
             raise _fail(
                 file,
-                f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets {offsets} hold {end - begin}",
+                f"{where}: shape {_short(shape)} of {dtype} needs {expected} bytes but data_offsets {offsets} hold {end - begin}",
             )
-        if end > data_size:
-            raise _fail(file, f"{where}: data_offsets {offsets} run past the {data_size}-byte data section")
         tensors.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end))
     tensors.sort(key=lambda t: (t.start, t.end))
     cursor = data_start
@@ -167,10 +200,13 @@ def parse_header(raw: bytes, object_size: int, file: str) -> Header:
         if t.start < cursor:
             raise _fail(
                 file,
-                f"tensor {t.name!r} at data_offsets [{t.start - data_start}, {t.end - data_start}] overlaps tensor {previous!r}",
+                f"tensor {_short(t.name)} at data_offsets [{t.start - data_start}, {t.end - data_start}] "
+                f"overlaps tensor {_short(previous)}",
             )
         if t.start > cursor:
-            raise _fail(file, f"gap of {t.start - cursor} bytes before tensor {t.name!r}: the data section has unaccounted bytes")
+            raise _fail(
+                file, f"gap of {t.start - cursor} bytes before tensor {_short(t.name)}: the data section has unaccounted bytes"
+            )
         cursor = t.end
         if t.nbytes:
             previous = t.name
