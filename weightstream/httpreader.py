@@ -25,7 +25,11 @@ from weightstream.options import StreamOptions
 log = logging.getLogger(__name__)
 
 PIECE = 4 << 20  # bytes per readinto call: the unit of progress a retry resumes from
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# Attempts of one request that may get no answer for stall_timeout (or connect_timeout) before it fails: a
+# stall costs a whole timeout, so a server that accepts connections and never answers fails in about
+# STALL_ATTEMPTS x stall_timeout, not max_retries times that. Progress starts the count again.
+STALL_ATTEMPTS = 3
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -38,6 +42,10 @@ NEVER = threading.Event()  # the abort flag of reads nobody aborts
 
 class _Retryable(Exception):
     """One attempt failed in a way another attempt may not (5xx, reset, stall, truncation)."""
+
+
+class _Stalled(_Retryable):
+    """One attempt got no answer (or no further byte) within its timeout."""
 
 
 class _Denied(Exception):
@@ -53,6 +61,11 @@ class ObjectRef:
 
 
 UrlResolver = Callable[[ObjectRef, bool], str]  # (object, refresh) -> URL (presigned or plain)
+
+
+def backoff_delay(options: StreamOptions, failures: int) -> float:
+    """Exponential backoff with jitter before retry number `failures` (1, 2, ...)."""
+    return min(options.backoff_max, options.backoff_base * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
 
 
 def _s3_error_code(body: bytes) -> str:
@@ -138,6 +151,9 @@ class HttpRangeReader:
                 with self._lock:  # the socket itself: a "Connection: close" response takes it over from conn
                     self._active[threading.get_ident()] = (abort, conn.sock)
             response = conn.getresponse()
+        except TimeoutError:
+            self._drop(*key)
+            raise _Stalled(f"no answer from {parts.netloc}") from None
         except (OSError, http.client.HTTPException) as e:
             self._drop(*key)
             raise _Retryable(f"request failed: {type(e).__name__}: {e}") from None
@@ -165,7 +181,7 @@ class HttpRangeReader:
         self._drop(*key)
         code = _s3_error_code(body)
         detail = f"HTTP {status}{' ' + code if code else ''}"
-        if status in _RETRY_STATUS:
+        if status in RETRY_STATUS:
             raise _Retryable(detail)
         if status == 404:
             raise CheckpointNotFound(f"{obj.name} not found ({detail}): check the URL")
@@ -187,13 +203,14 @@ class HttpRangeReader:
     def _run(self, obj: ObjectRef, what: str, abort: threading.Event, attempt: Callable[[bool, list[int]], object]) -> object:
         """Call attempt(refresh, progress) until it succeeds; progress[0] is bytes received so far."""
         progress = [0]
-        failures = 0
+        failures = stalls = 0
         refresh = False
         last_error = ""
         while True:
             if abort.is_set():
                 raise Aborted()
             before = progress[0]
+            stalled = False
             try:
                 return attempt(refresh, progress)
             except (OSError, http.client.HTTPException) as e:
@@ -202,6 +219,7 @@ class HttpRangeReader:
                 for key in list(getattr(self._local, "conns", {})):
                     self._drop(*key)
                 last_error = f"{type(e).__name__}: {e}"
+                stalled = isinstance(e, TimeoutError)
             except _Denied as e:
                 if refresh:
                     raise FetchError(
@@ -213,10 +231,19 @@ class HttpRangeReader:
                 if abort.is_set():
                     raise Aborted() from None
                 last_error = str(e)
+                stalled = isinstance(e, _Stalled)
             finally:
                 with self._lock:
                     self._active.pop(threading.get_ident(), None)
-            failures = 1 if progress[0] > before else failures + 1
+            if progress[0] > before:
+                failures, stalls = 1, int(stalled)
+            else:
+                failures, stalls = failures + 1, stalls + int(stalled)
+            if stalls >= STALL_ATTEMPTS:
+                raise FetchError(
+                    f"{obj.name}: {what}: the server sent nothing for {self._options.stall_timeout:g} s, "
+                    f"{stalls} times in a row ({last_error}); check the endpoint and the network"
+                )
             if failures > self._options.max_retries:
                 raise FetchError(
                     f"{obj.name}: {what} failed after {self._options.max_retries} retries ({last_error}); "
@@ -224,7 +251,7 @@ class HttpRangeReader:
                 )
             with self._lock:
                 self.retries += 1
-            delay = min(self._options.backoff_max, self._options.backoff_base * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+            delay = backoff_delay(self._options, failures)
             log.info("%s: %s: %s; retrying in %.2fs", obj.name, what, last_error, delay)
             if abort.wait(delay):
                 raise Aborted()
@@ -310,7 +337,9 @@ class HttpRangeReader:
                         raise _Retryable(f"body truncated after {progress[0]} of {total} bytes")
                     offset += n
                     progress[0] += n
+        except TimeoutError:
+            self._drop(*key)
+            raise _Stalled(f"connection stalled after {progress[0]} of {total} bytes") from None
         except (OSError, http.client.HTTPException) as e:
             self._drop(*key)
-            kind = "stalled" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-            raise _Retryable(f"connection {kind} after {progress[0]} of {total} bytes") from None
+            raise _Retryable(f"connection {type(e).__name__}: {e} after {progress[0]} of {total} bytes") from None

@@ -8,19 +8,31 @@ s3 URLs take the same options as layerstore's store URLs:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from weightstream.errors import CheckpointNotFound, FetchError
-from weightstream.httpreader import HttpRangeReader, ObjectRef
+from weightstream.httpreader import RETRY_STATUS, STALL_ATTEMPTS, HttpRangeReader, ObjectRef, backoff_delay
 from weightstream.localreader import LocalRangeReader
 from weightstream.options import StreamOptions
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 _TRUE = {"1", "true", "yes", "on"}
+_MISSING_KEY = {"NoSuchKey", "404", "NotFound"}  # S3 error codes (a HEAD has no body: its code is the status)
 SMALL_LIMIT = 100_000_000  # index and manifest files are read whole; refuse anything absurd
 PRESIGN_SECONDS = 3600
+
+
+class _BucketMissing(CheckpointNotFound):
+    """The bucket itself does not exist (S3 code NoSuchBucket)."""
 
 
 class Location(ABC):
@@ -121,6 +133,7 @@ class S3Location(Location):
         self._region = query.get("region") or region
         style = query.get("path_style")
         self._path_style = (style.lower() in _TRUE) if style is not None else bool(path_style)
+        self._options = options
         self.client = self._client(self._region)
         self._urls: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -132,30 +145,65 @@ class S3Location(Location):
         import botocore.config
 
         session = boto3.session.Session(region_name=region)
+        # One attempt per call, under the stream's timeouts: _call() retries above it with the ranged reads' policy.
         config = botocore.config.Config(
             s3={"addressing_style": "path" if self._path_style else "auto"},
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=self._options.connect_timeout,
+            read_timeout=self._options.stall_timeout,
         )
         if session.get_credentials() is None:  # no credentials anywhere: a public bucket, unsigned URLs
             config = config.merge(botocore.config.Config(signature_version=botocore.UNSIGNED))
         return session.client("s3", endpoint_url=self._endpoint, config=config)
+
+    def _call(self, action: str, name: str, call: Callable[[], T]) -> T:
+        """call() with the ranged reads' retry policy: a 5xx or a broken connection is retried with backoff
+        (max_retries), a call that gets no answer for stall_timeout at most STALL_ATTEMPTS times in all."""
+        import botocore.exceptions
+
+        failures = stalls = 0
+        while True:
+            try:
+                return call()
+            except (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError) as e:
+                stalls += 1
+                if stalls >= STALL_ATTEMPTS:
+                    raise self._fail(action, name, e) from None
+                error: Exception = e
+            except botocore.exceptions.ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in RETRY_STATUS:
+                    raise self._fail(action, name, e) from None
+                error = e
+            except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError) as e:
+                error = e
+            except botocore.exceptions.BotoCoreError as e:
+                raise self._fail(action, name, e) from None
+            failures += 1
+            if failures > self._options.max_retries:
+                raise self._fail(action, name, error) from None
+            delay = backoff_delay(self._options, failures)
+            log.info("%s%s: %s: %s; retrying in %.2fs", self.url, name, action, error, delay)
+            time.sleep(delay)
 
     def _fail(self, action: str, name: str, error: Exception) -> FetchError:
         import botocore.exceptions
 
         if isinstance(error, botocore.exceptions.ClientError):
             code = error.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
+            if code in _MISSING_KEY:
                 return CheckpointNotFound(f"{self.url}{name} not found")
             if code == "NoSuchBucket":
-                return CheckpointNotFound(f"bucket {self.bucket!r} does not exist (endpoint {self.client.meta.endpoint_url})")
+                return _BucketMissing(f"bucket {self.bucket!r} does not exist (endpoint {self.client.meta.endpoint_url})")
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 return FetchError(f"access denied to {self.url} ({action} {name}): check the AWS credentials")
             return FetchError(f"cannot {action} {self.url}{name}: {code} {error}")
         if isinstance(error, botocore.exceptions.NoCredentialsError):
             return FetchError(f"no AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+        if isinstance(error, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+            return FetchError(
+                f"cannot {action} {self.url}{name}: endpoint {self.client.meta.endpoint_url} did not answer within "
+                f"{self._options.stall_timeout:g} s, {STALL_ATTEMPTS} times: check the endpoint and the network"
+            )
         return FetchError(f"cannot {action} {self.url}{name} (endpoint {self.client.meta.endpoint_url}): {error}")
 
     def _presign(self, obj: ObjectRef, refresh: bool) -> str:
@@ -172,29 +220,24 @@ class S3Location(Location):
         return ObjectRef(self.url + name, self.prefix + name)
 
     def names(self) -> list[str]:
-        import botocore.exceptions
-
-        names: list[str] = []
-        try:
+        def listing() -> list[str]:
+            names: list[str] = []
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
             ):
                 self._learn_region(page)
                 names += [item["Key"][len(self.prefix) :] for item in page.get("Contents", [])]
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise self._fail("list", "", e) from None
-        return sorted(n for n in names if n and "/" not in n)
+            return names
+
+        return sorted(n for n in self._call("list", "", listing) if n and "/" not in n)
 
     def exists(self, name: str) -> bool:
-        import botocore.exceptions
-
         try:
-            response = self.client.head_object(Bucket=self.bucket, Key=self.prefix + name)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            error = self._fail("stat", name, e)
-            if isinstance(error, CheckpointNotFound) and "bucket" not in str(error):
-                return False
-            raise error from None
+            response = self._call("stat", name, lambda: self.client.head_object(Bucket=self.bucket, Key=self.prefix + name))
+        except _BucketMissing:
+            raise
+        except CheckpointNotFound:
+            return False  # told by the S3 error code; a missing bucket's bare 404 to a HEAD too (the listing names it)
         self._learn_region(response)
         return True
 
@@ -206,15 +249,14 @@ class S3Location(Location):
             self.client = self._client(region)
 
     def read_small(self, name: str) -> bytes:
-        import botocore.exceptions
-
-        try:
+        def read() -> bytes:
             response = self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)
             if response.get("ContentLength", 0) > SMALL_LIMIT:
+                response["Body"].close()
                 raise FetchError(f"{self.url}{name} is over {SMALL_LIMIT} bytes: not an index or manifest")
             return response["Body"].read()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise self._fail("read", name, e) from None
+
+        return self._call("read", name, read)
 
 
 def open_location(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 
 import pytest
 import torch
@@ -185,3 +186,16 @@ def test_header_is_one_ranged_get_and_huge_headers_two(tmp_path, s3_prefix, faul
     with weightstream.open(s3_prefix.url("big.safetensors", endpoint=fault_proxy.endpoint)) as checkpoint:
         assert fault_proxy.requests == 2  # no listing for an object URL: the probe and the rest of the header
         assert len(checkpoint.tensors) == 4000
+
+
+def test_any_bucket_and_prefix_name_finds_a_single_file_checkpoint(tmp_path, s3_server):
+    """Not-found is told by the S3 error code, never by words in the message (which quotes the URL)."""
+    bucket = f"bucket-key-index-model-not-found-nosuchkey-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    prefix = "bucket/NoSuchKey/NoSuchBucket/NotFound/404/not found/key/index/model/model.safetensors.index.json.d/"
+    tensors = every_dtype_tensors(seed=12)
+    write_checkpoint(tmp_path, tensors)
+    s3_server.client().upload_file(str(tmp_path / "model.safetensors"), bucket, prefix + "model.safetensors")
+    assert_same(weightstream.load(f"s3://{bucket}/{prefix}?path_style=true"), load_file(str(tmp_path / "model.safetensors")))
+    with pytest.raises(CheckpointNotFound, match="no safetensors checkpoint under s3://"):
+        weightstream.open(f"s3://{bucket}/{prefix}elsewhere/?path_style=true")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import torch
 
 import weightstream
+from tests.silent_server import SilentServer
 from tests.weightstream.conftest import assert_same, random_tensor, write_checkpoint
 from weightstream.errors import FetchError
+from weightstream.httpreader import STALL_ATTEMPTS
 
 FAST_RETRY = {"backoff_base": 0.01, "backoff_max": 0.05, "stall_timeout": 0.5}
 
@@ -91,3 +94,38 @@ def test_stopping_early_aborts_reads_promptly(checkpoint_url, fault_proxy):
         stream.close()  # the consumer stops: the read blocked in recv() must end now, not in 20-30 s
         assert time.monotonic() - started < 3
     fault_proxy.clear()
+
+
+@pytest.fixture
+def silent_server():
+    server = SilentServer()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("name", ["", "model.safetensors", "model.safetensors.index.json"])
+def test_an_endpoint_that_never_answers_fails_within_a_few_stall_timeouts(silent_server, name):
+    """The HEAD (directory URL), the ranged header GET (object URL) and the index read (index URL) all
+    honour stall_timeout: the load fails in about STALL_ATTEMPTS x stall_timeout with one clear line."""
+    stall = 1.0
+    url = f"s3://bucket/llama/{name}?endpoint_url={silent_server.endpoint}&path_style=true"
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            weightstream.load(url, stall_timeout=stall, connect_timeout=stall, backoff_base=0.01, backoff_max=0.05)
+        except BaseException as e:
+            outcome.append(e)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=STALL_ATTEMPTS * stall + 5)
+    elapsed = time.monotonic() - started
+    assert not worker.is_alive(), f"still waiting after {elapsed:.0f} s for a server that never answers"
+    assert len(outcome) == 1 and isinstance(outcome[0], FetchError), outcome
+    message = str(outcome[0])
+    assert "\n" not in message and f"s3://bucket/llama/{name or 'model.safetensors.index.json'}" in message
+    assert "1 s, 3 times" in message and "check the endpoint" in message, message
+    assert elapsed >= STALL_ATTEMPTS * stall * 0.9  # it did wait for each attempt's answer
+    assert silent_server.connections >= 1
