@@ -18,6 +18,9 @@ from layerstore.stores import Store
 
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_TIMEOUT = 20.0  # seconds without an answer before one store request is abandoned (a chunk is ~1 MiB)
+MIN_REQUEST_TIMEOUT = 5.0
+
 
 class ChunkUnavailable(LiftoffError):
     """A chunk could not be fetched and verified from any store after retries."""
@@ -38,7 +41,13 @@ class ChunkFetcher:
     """Reads byte ranges of chunks: from the cache, else from the first store that serves a
     verified copy. Concurrent requests for one chunk share one fetch. Unverified bytes are
     never returned: a chunk whose content does not hash to its name is rejected and fetched
-    again (from the next store, then after a backoff)."""
+    again (from the next store, then after a backoff).
+
+    A read fails (EIO upstream) within `retry_seconds` plus one request's timeout: the fetcher
+    retries, the stores beneath it make one attempt per call (Store.single_attempt), and after
+    the first round (every store tried once, so a dead first store still falls through) no
+    request starts once the budget is spent. `request_timeout` defaults to retry_seconds, kept
+    within 5-20 s."""
 
     def __init__(
         self,
@@ -48,9 +57,14 @@ class ChunkFetcher:
         retry_seconds: float = 30.0,
         backoff: float = 0.2,
         max_backoff: float = 5.0,
+        request_timeout: float | None = None,
         on_fetch: Callable[[bytes, int], None] | None = None,
     ) -> None:
         self.stores = stores
+        if request_timeout is None:
+            request_timeout = min(MAX_REQUEST_TIMEOUT, max(MIN_REQUEST_TIMEOUT, retry_seconds))
+        self.request_timeout = request_timeout
+        self._attempts = [store.single_attempt(request_timeout) for store in stores]
         self.cache = cache
         self.retry_seconds = retry_seconds
         self.backoff = backoff
@@ -98,15 +112,19 @@ class ChunkFetcher:
     def _fetch(self, sha256: bytes, size: int, layer: str) -> bytes:
         """Try every store in order; repeat with backoff while a store fails (unreachable, corrupt
         data) and `retry_seconds` last; a chunk that every store says is absent fails after a
-        second round."""
+        second round. After the first round, no request starts once the budget is spent."""
         key = chunk_key(sha256)
         errors: list[str] = []
         delay = self.backoff
         deadline = time.monotonic() + self.retry_seconds
         attempt = 0
-        while True:
+        spent = False
+        while not spent:
             missing_everywhere = True
-            for store in self.stores:
+            for store in self._attempts:
+                if attempt and time.monotonic() >= deadline:
+                    spent = True
+                    break
                 started = time.monotonic()
                 try:
                     blob = store.get(key)
@@ -130,7 +148,7 @@ class ChunkFetcher:
                 return data
             attempt += 1
             pause = min(delay, self.max_backoff) * (0.5 + random.random())
-            if (missing_everywhere and attempt >= 2) or time.monotonic() + pause > deadline:
+            if spent or (missing_everywhere and attempt >= 2) or time.monotonic() + pause > deadline:
                 break
             with self._lock:
                 self.stats.retries += 1

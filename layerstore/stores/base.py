@@ -68,6 +68,12 @@ class Store(abc.ABC):
         dest.put(key, data)
         return len(data)
 
+    def single_attempt(self, timeout: float) -> Store:
+        """This store for a caller that retries itself: no retries beneath it, no call blocked past `timeout`
+        seconds without an answer. Stores that neither retry nor wait on a network return themselves."""
+        del timeout
+        return self
+
     def prepare_writes(self) -> None:  # noqa: B027 - nothing to do for most stores
         """Get ready to be written to (a file store creates its directory)."""
 

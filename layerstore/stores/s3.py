@@ -39,24 +39,44 @@ class S3Store(Store):
         region: str | None = None,
         path_style: bool = False,
         max_connections: int = 32,
+        attempts: int = 6,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
     ) -> None:
+        """attempts: tries per call, botocore's retries included (1 for a caller that retries itself);
+        read_timeout: seconds without a byte from the server before an attempt fails."""
         if not bucket:
             raise StoreError("s3 store URL has no bucket: use s3://bucket[/prefix]")
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}"
         self.endpoint_url = endpoint_url
+        self._settings = {"region": region, "path_style": path_style, "max_connections": max_connections}
+        self.read_timeout = read_timeout
         config = botocore.config.Config(
             max_pool_connections=max_connections,
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
+            retries={"total_max_attempts": attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             s3={"addressing_style": "path" if path_style else "auto"},
         )
         session = boto3.session.Session(region_name=region)
         self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
         self._where = f"{self.url} (endpoint {self.client.meta.endpoint_url})"
         self._pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3store")
+
+    def single_attempt(self, timeout: float) -> S3Store:
+        """This store for a caller that retries itself: one request per call (no botocore retries beneath
+        the caller's), each failing after `timeout` s without an answer."""
+        return S3Store(
+            self.bucket,
+            self.prefix,
+            endpoint_url=self.endpoint_url,
+            attempts=1,
+            connect_timeout=min(10.0, timeout),
+            read_timeout=timeout,
+            **self._settings,  # type: ignore[arg-type]
+        )
 
     def _fail(self, action: str, key: str, e: Exception) -> StoreError:
         if isinstance(e, botocore.exceptions.ClientError):
@@ -71,6 +91,11 @@ class S3Store(Store):
             return StoreError(f"cannot {action} {key} in {self._where}: {code or status} {e}")
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return StoreError(f"no AWS credentials for {self._where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+        if isinstance(e, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):
+            return StoreError(
+                f"store {self._where} did not answer within {self.read_timeout:g} s ({action} {key}): "
+                "check the endpoint and the network"
+            )
         if isinstance(e, _NETWORK_ERRORS):
             return StoreError(f"store {self._where} is unreachable ({action} {key}): {e}")
         return StoreError(f"cannot {action} {key} in {self._where}: {e}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 import zstandard
@@ -12,7 +13,8 @@ import zstandard
 from layerstore.cache import ChunkCache
 from layerstore.fetch import ChunkFetcher, ChunkUnavailable
 from layerstore.layout import chunk_key
-from layerstore.stores import FileStore
+from layerstore.stores import FileStore, open_store
+from tests.silent_server import SilentServer
 
 
 class CountingStore(FileStore):
@@ -95,3 +97,30 @@ def test_cache_cap_eviction_and_torn_files(tmp_path):
     assert again.read(digests[3], 0, 5) == chunks[3][:5]
     assert not list(cache.dir.rglob("*.tmp-*"))
     assert again.retain({digests[3]}) == 0 and again.retain(set()) == 1 and not again.digests()
+
+
+@pytest.mark.parametrize("retry_seconds", [0.0, 2.0])
+def test_a_store_that_never_answers_fails_within_the_retry_budget(tmp_path, monkeypatch, retry_seconds):
+    """EIO comes after retry_seconds plus at most one request's timeout; each attempt is one request (botocore
+    does not retry beneath the fetcher's own retries)."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    server = SilentServer()
+    store = open_store(f"s3://chunks/region-a?endpoint_url={server.endpoint}&path_style=true")
+    request_timeout = 1.0
+    fetcher = ChunkFetcher(
+        [store], ChunkCache(tmp_path / "cache", 1 << 30), retry_seconds=retry_seconds, request_timeout=request_timeout
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(ChunkUnavailable) as error:
+            fetcher.read(b"\x02" * 32, 10, 0, 10, "sha256:layer")
+        elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+        store.close()
+    assert request_timeout * 0.9 <= elapsed <= retry_seconds + request_timeout + 1.0, elapsed
+    message = str(error.value)
+    assert f"chunk {'02' * 32} of layer sha256:layer could not be fetched from s3://chunks/region-a/" in message
+    assert "did not answer within 1 s" in message, message
+    assert server.connections == fetcher.stats.retries + 1  # one request per attempt
