@@ -24,21 +24,26 @@ def encode_index(index: pb.LayerIndex, level: int = 9) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
 
 
-def decode_index(data: bytes, where: str = "index", check_extents: bool = True) -> pb.LayerIndex:
+REMEDY = "re-run liftoff convert for this image"
+
+
+def decode_index(data: bytes, where: str = "index", check_extents: bool = True, remedy: str = REMEDY) -> pb.LayerIndex:
     """Parse stored index bytes; FormatError if truncated, corrupt or of an unknown major version.
 
     `check_extents` also checks that every extent lies inside its chunk (a pass over every entry):
     whoever serves file data from the index must; a caller that only needs its metadata may skip it.
+    `remedy` ends the message of a corrupt index (a local copy's cure is not a new conversion).
     """
+    tail = f"; {remedy}" if remedy else ""
     try:
         raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_INDEX_BYTES)
     except zstandard.ZstdError as e:
-        raise FormatError(f"{where}: corrupt or truncated index ({e}); re-run liftoff convert for this image") from None
+        raise FormatError(f"{where}: corrupt or truncated index ({e}){tail}") from None
     index = pb.LayerIndex()
     try:
         index.ParseFromString(raw)
     except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass
-        raise FormatError(f"{where}: index does not parse ({e}); re-run liftoff convert for this image") from None
+        raise FormatError(f"{where}: index does not parse ({e}){tail}") from None
     if index.format_major != FORMAT_MAJOR:
         raise FormatError(
             f"{where}: index format {index.format_major}.{index.format_minor} is not supported by this "

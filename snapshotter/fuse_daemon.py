@@ -32,19 +32,20 @@ import signal
 import socketserver
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from layerstore.cache import ChunkCache
-from layerstore.errors import LiftoffError
+from layerstore.errors import FormatError, LiftoffError
 from layerstore.fetch import ChunkFetcher
-from layerstore.index import decode_index
 from layerstore.private import private_dir, restrict_file, write_private
 from layerstore.stores import Store
 from snapshotter import fuse_control
 from snapshotter import fuse_kernel as k
 from snapshotter.fuse_server import FuseSession
 from snapshotter.fuse_tree import View
+from snapshotter.index_copies import decode_copy, fetch_again
 from snapshotter.prefetch import Prefetcher
 from snapshotter.profile import Recorder
 
@@ -71,9 +72,11 @@ def _is_stale(path: Path) -> bool:
 
 
 class IndexDir:
-    """Layer indexes on local disk (the bytes as stored: zstd protobuf)."""
+    """Layer indexes on local disk (the bytes as stored: zstd protobuf); a corrupt copy is fetched
+    again from `stores` and replaced (snapshotter/index_copies.py)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, stores: Sequence[Store] = ()) -> None:
+        self.stores = list(stores)
         self.root = private_dir(root)
         for path in self.root.iterdir():
             restrict_file(path)  # indexes an older liftoff wrote world-readable
@@ -92,11 +95,17 @@ class IndexDir:
         write_private(tmp, data)
         os.rename(tmp, target)
 
-    def load(self, digest: str):
+    def load(self, digest: str, check_extents: bool = True):
         try:
-            return decode_index(self.path(digest).read_bytes(), f"local index of {digest}")
+            data = self.path(digest).read_bytes()
         except FileNotFoundError:
             raise LiftoffError(f"no local index for layer {digest}: pull the image again") from None
+        try:
+            return decode_copy(data, digest, f"local index of {digest}", check_extents)
+        except FormatError as e:
+            data, index = fetch_again(self.stores, digest, e, check_extents)
+        self.put(digest, data)
+        return index
 
 
 class MountedView:
@@ -144,7 +153,7 @@ class FuseDaemon:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LiftoffError(f"another liftoff FUSE daemon serves {self.root}") from None
-        self.indexes = IndexDir(self.root / "indexes")
+        self.indexes = IndexDir(self.root / "indexes", stores)
         self.views_dir = private_dir(self.root / "views")
         for path in self.views_dir.iterdir():
             restrict_file(path)  # view records an older liftoff wrote world-readable
