@@ -103,15 +103,16 @@ def serve(
         metrics = Metrics()
         if metrics_address:
             metrics.serve(metrics_address)
-        server = build_server(store, socket_path, metrics)
         stop = threading.Event()
 
         def on_signal(signum, _frame) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)
             stop.set()
 
+        # Before the socket appears: a SIGTERM sent as soon as it does must stop us cleanly, not kill us.
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        server = build_server(store, socket_path, metrics)
         log.info("liftoff snapshotter serving %s on %s", store.layout.root, socket_path)
         notify_systemd("READY=1")
         while not stop.wait(3600):

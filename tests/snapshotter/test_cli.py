@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import configparser
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 import tomllib
 
 from tests.conftest import ROOT, run_cli
@@ -29,6 +33,21 @@ def test_socket_is_0660_in_a_0700_directory_and_sigterm_stops_cleanly(fresh_snap
     assert fresh_snapshotter.stop() == 0
     assert not sock.exists()
     assert "SIGTERM: stopping" in fresh_snapshotter.log()
+
+
+def test_sigterm_as_soon_as_the_socket_appears_stops_cleanly(tmp_path):
+    """A supervisor (or containerd's conformance suite) may stop the snapshotter the moment its socket
+    appears: that must be the clean stop (exit 0, socket removed), never death by the default signal action."""
+    sock = tmp_path / "run" / "s.sock"
+    argv = [sys.executable, "-m", "layerstore.cli", "snapshotter", "--root", str(tmp_path / "root"), "--socket", str(sock)]
+    with open(tmp_path / "log", "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=log)
+    deadline = time.monotonic() + 60
+    while not sock.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, (tmp_path / "log").read_text()
+    assert not sock.exists()
 
 
 def test_refuses_a_second_instance_a_shared_directory_and_a_live_socket(fresh_snapshotter, tmp_path):
