@@ -69,7 +69,7 @@ class RemoteLayers:
     def __init__(self, state: str | os.PathLike[str], stores: Sequence[Store], fused: FusedClient) -> None:
         self.state = Path(state)
         self.stores = StoreChain(list(stores))
-        self.indexes = IndexDir(self.state / "indexes")
+        self.indexes = IndexDir(self.state / "indexes", self.stores.stores)
         self.fused = fused
 
     # -- finding layers -------------------------------------------------------------------
@@ -97,8 +97,9 @@ class RemoteLayers:
         key = layer_index_key(digest)
         try:
             if self.indexes.has(digest):
-                # metadata only here: the FUSE daemon checks every extent when it builds a view
-                return decode_index(self.indexes.path(digest).read_bytes(), str(self.indexes.path(digest)), check_extents=False)
+                # metadata only here: the FUSE daemon checks every extent when it builds a view; a corrupt
+                # local copy is fetched again from the stores
+                return self.indexes.load(digest, check_extents=False)
             data = self.stores.get(key)
             index = decode_index(data, key, check_extents=False)
         except ObjectNotFound:
