@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "conformance"
-SUITE_TESTS = 21  # containerd 1.6's SnapshotterSuite (Rename is skipped by the suite itself)
+SUITE_TESTS = 21  # containerd 1.6.20's SnapshotterSuite (Rename is skipped by the suite itself); later ones add tests
 PAIRS = {"liftoff": "overlayfs", "liftoff-md": "overlayfs-md"}  # each liftoff run and its control
 
 
@@ -37,14 +37,14 @@ def test_liftoff_passes_what_overlayfs_passes(tmp_path):
     done, report = _conformance(tmp_path)
     output = done.stdout + done.stderr
     results = report["results"]
-    assert len(results) == SUITE_TESTS, output
+    assert len(results) >= SUITE_TESTS, output
     for run, control in PAIRS.items():
         passing = [name for name, by_suite in results.items() if by_suite.get(control) == "PASS"]
         assert len(passing) >= SUITE_TESTS - 1, f"the {control} control itself fails here:\n{output}"
         failing = [name for name in passing if results[name].get(run) != "PASS"]
         assert not failing, f"{run} fails {failing}, which {control} passes:\n{output}"
     assert report["regressions"] == [] and done.returncode == 0, output
-    assert "summary: 21 tests; overlayfs" in done.stdout
+    assert f"summary: {len(results)} tests; overlayfs" in done.stdout
 
 
 def test_the_script_fails_when_liftoff_does(tmp_path):
