@@ -23,6 +23,7 @@ from pathlib import Path
 from benchmarks.benchlib import load_average, machine, table
 from benchmarks.build_images import ensure_images
 from layerstore.localservices import push_layout, start_containerd, start_fused, start_registry, start_snapshotter
+from layerstore.units import size_arg
 from snapshotter.fuse_control import FusedClient
 from tests.remote.helpers import Snapshots
 
@@ -66,7 +67,7 @@ def mount(mounts, target: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--readahead", default="128K", help="FUSE readahead of the liftoff views")
+    parser.add_argument("--readahead", type=size_arg(), default="128K", help="FUSE readahead of the liftoff views")
     parser.add_argument("--backend", default="kernel", choices=["kernel", "fusepy"], help="FUSE implementation")
     args = parser.parse_args()
     layout = ensure_images()
@@ -88,7 +89,7 @@ def main() -> None:
         )
         fused = start_fused(
             WORK / "root" / "remote",
-            ["--store", store, "--backend", args.backend, "--max-readahead", args.readahead],
+            ["--store", store, "--backend", args.backend, "--max-readahead", str(args.readahead)],
             workdir=WORK,
         )
         snapshotter = start_snapshotter(

@@ -9,15 +9,7 @@ import sys
 from layerstore.chunker import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from layerstore.cli import add_store_options, store_options
 from layerstore.leases import DEFAULT_TTL
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
-    value = int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
-    if not MIN_CHUNK_SIZE <= value <= MAX_CHUNK_SIZE:
-        raise argparse.ArgumentTypeError(f"chunk size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
-    return value
+from layerstore.units import size_arg
 
 
 def _seconds(text: str) -> float:
@@ -37,7 +29,12 @@ def register(subparsers) -> None:
     p.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
     p.add_argument("--docker-config", help="docker config file with credentials (default ~/.docker/config.json)")
     p.add_argument("--platform", action="append", help="os/arch[/variant] to convert from an index (default: all)")
-    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, help="chunk size (default 1MiB)")
+    p.add_argument(
+        "--chunk-size",
+        type=size_arg(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
+        default=DEFAULT_CHUNK_SIZE,
+        help="chunk size, 4K to 64M (default 1MiB)",
+    )
     p.add_argument("--workers", type=int, help="chunk compress/upload threads (default: cores, or 16 for s3 stores)")
     p.add_argument("--layer-jobs", type=int, help="layers converted at once (default: half the cores, at least 1)")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level for chunks (default 3)")

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from layerstore.cli import add_store_options, store_options
+from layerstore.units import format_size, size_arg
 from registry_proxy.config import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE, DEFAULT_LISTEN, MAX_MANIFEST_BYTES
 
 
@@ -47,7 +48,10 @@ def register(subparsers) -> None:
     p.add_argument("--docker-config", metavar="FILE", help="the proxy's upstream credentials (default ~/.docker/config.json)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"blob cache and state (default {DEFAULT_CACHE_DIR})")
     p.add_argument(
-        "--cache-size", default=DEFAULT_CACHE_SIZE, help=f"blob cache cap, LRU beyond it (default {DEFAULT_CACHE_SIZE})"
+        "--cache-size",
+        type=size_arg(1),
+        default=DEFAULT_CACHE_SIZE,
+        help=f"blob cache cap, LRU beyond it (default {DEFAULT_CACHE_SIZE})",
     )
     p.add_argument(
         "--tag-ttl", type=float, default=60.0, metavar="SECONDS", help="revalidate tags upstream after this long (default 60)"
@@ -71,8 +75,9 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--max-manifest-size",
-        default=str(MAX_MANIFEST_BYTES),
-        help=f"largest manifest passed on (default {MAX_MANIFEST_BYTES} bytes)",
+        type=size_arg(1),
+        default=MAX_MANIFEST_BYTES,
+        help=f"largest manifest passed on (default {format_size(MAX_MANIFEST_BYTES)})",
     )
     p.add_argument(
         "--log-level",
@@ -100,7 +105,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from layerstore.errors import LiftoffError
-    from registry_proxy.config import ProxyConfig, host_platform, parse_size, parse_upstreams
+    from registry_proxy.config import ProxyConfig, host_platform, parse_upstreams
     from registry_proxy.server import serve
 
     logging.getLogger().setLevel(args.proxy_log_level.upper())
@@ -117,7 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         default_upstream=args.default_upstream,
         cache_dir=Path(args.cache_dir),
-        cache_size=parse_size(args.cache_size),
+        cache_size=args.cache_size,
         tag_ttl=args.tag_ttl,
         upstream_timeout=args.upstream_timeout,
         docker_config=args.docker_config,
@@ -128,7 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
         retry_backoff=args.retry_backoff,
         convert_timeout=args.convert_timeout,
         platforms=args.platform or [host_platform()],
-        max_manifest_bytes=parse_size(args.max_manifest_size),
+        max_manifest_bytes=args.max_manifest_size,
     )
     asyncio.run(serve(config))
     return 0

@@ -109,19 +109,6 @@ def parse_upstreams(
     return upstreams
 
 
-def parse_size(text: str) -> int:
-    """Bytes from 20G, 512M, 1.5T, 4096 (binary units)."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    clean = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        value = float(clean[:-1]) * units[clean[-1]] if clean and clean[-1] in units else float(clean)
-    except ValueError:
-        raise LiftoffError(f"bad size {text!r}: expected a number with an optional K, M, G or T suffix") from None
-    if value <= 0:
-        raise LiftoffError(f"bad size {text!r}: must be positive")
-    return int(value)
-
-
 def parse_listen(address: str) -> tuple[str, int]:
     """(host, port) from HOST:PORT, [V6]:PORT or :PORT (all interfaces)."""
     hostname, sep, port = address.rpartition(":")

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from layerstore.cli import add_store_options, store_options
+from layerstore.units import size_arg
 from snapshotter.config import DEFAULT_CACHE_SIZE, DEFAULT_ROOT, DEFAULT_SOCKET
 
 
@@ -20,8 +21,12 @@ def register(subparsers) -> None:
     p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"unix socket to serve on (default {DEFAULT_SOCKET})")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics on HOST:PORT or :PORT")
     add_store_options(p, required=False)
-    p.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})")
-    p.add_argument("--fuse-readahead", default="128K", help="readahead of the FUSE views, for a FUSE daemon it starts")
+    p.add_argument(
+        "--cache-size", type=size_arg(), default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})"
+    )
+    p.add_argument(
+        "--fuse-readahead", type=size_arg(), default="128K", help="readahead of the FUSE views, for a FUSE daemon it starts"
+    )
     p.add_argument(
         "--no-start-fused",
         action="store_true",
@@ -48,14 +53,18 @@ def register(subparsers) -> None:
     )
     f.add_argument("--root", required=True, help="state directory (the snapshotter uses ROOT/remote of its own root)")
     add_store_options(f)
-    f.add_argument("--cache-size", default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})")
+    f.add_argument(
+        "--cache-size", type=size_arg(), default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})"
+    )
     f.add_argument(
         "--backend",
         choices=["kernel", "fusepy"],
         default="kernel",
         help="FUSE implementation: our kernel-protocol server (default) or fusepy/libfuse2 (for comparison)",
     )
-    f.add_argument("--max-readahead", default="128K", help="FUSE readahead the kernel may do per file (default 128K)")
+    f.add_argument(
+        "--max-readahead", type=size_arg(), default="128K", help="FUSE readahead the kernel may do per file (default 128K)"
+    )
     f.add_argument("--prefetch-threads", type=int, default=16, help="concurrent fetches of a startup profile (default 16)")
     f.add_argument(
         "--fetch-retry-seconds",
@@ -65,6 +74,7 @@ def register(subparsers) -> None:
     )
     f.add_argument(
         "--fill-rate",
+        type=size_arg(),
         default="0",
         help="after the profile, fetch the rest of each image at this many bytes/s in the background (e.g. 50M; default 0: off)",
     )
@@ -160,12 +170,6 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
-    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
-
-
 def _store_argv(args: argparse.Namespace) -> list[str]:
     argv = [a for url in args.store or [] for a in ("--store", url)]
     for flag, value in (("--endpoint-url", args.endpoint_url), ("--region", args.region)):
@@ -184,9 +188,12 @@ def register_pull(subparsers) -> None:
         "snapshotter serves remotely are never downloaded. Then `ctr run --snapshotter liftoff IMAGE ID` runs it.",
     )
     p.add_argument("image", metavar="IMAGE", help="image reference: host[:port]/repository[:tag][@sha256:digest]")
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"containerd's socket (default {DEFAULT_ADDRESS})")
+    p.add_argument("--address", help=f"containerd's socket (default: $CONTAINERD_ADDRESS as for ctr, else {DEFAULT_ADDRESS})")
     p.add_argument("--snapshotter", default="liftoff", help="containerd snapshotter to unpack with (default liftoff)")
-    p.add_argument("--namespace", default="default", help="containerd namespace (default default; kubelet uses k8s.io)")
+    p.add_argument(
+        "--namespace",
+        help="containerd namespace (default: $CONTAINERD_NAMESPACE as for ctr and nerdctl, else default; kubelet uses k8s.io)",
+    )
     p.add_argument("--plain-http", action="store_true", help="talk to the registry over plain HTTP")
     p.add_argument("--docker-config", metavar="FILE", help="registry credentials (default ~/.docker/config.json)")
     p.add_argument("--platform", help="os/arch[/variant] to pick from an index (default: this machine's)")
@@ -218,7 +225,10 @@ def run_serve(args: argparse.Namespace) -> int:
         fused = FusedClient(remote_root / "fused.sock")
     else:
         fused = ensure_fused(
-            remote_root, [*_store_argv(args), "--max-readahead", args.fuse_readahead], args.cache_size, args.snapshotter_log_level
+            remote_root,
+            [*_store_argv(args), "--max-readahead", str(args.fuse_readahead)],
+            str(args.cache_size),
+            args.snapshotter_log_level,
         )
     remote = RemoteLayers(remote_root, open_stores(args.store, **store_options(args)), fused)
     return serve(
@@ -238,11 +248,11 @@ def run_fused(args: argparse.Namespace) -> int:
     return run(
         args.root,
         open_stores(args.store, **store_options(args)),
-        _bytes(args.cache_size),
+        args.cache_size,
         backend=args.backend,
-        max_readahead=_bytes(args.max_readahead),
+        max_readahead=args.max_readahead,
         prefetch_threads=args.prefetch_threads,
-        fill_rate=float(_bytes(args.fill_rate)),
+        fill_rate=float(args.fill_rate),
         learn_seconds=args.learn_seconds,
         fetch_retry_seconds=args.fetch_retry_seconds,
     )

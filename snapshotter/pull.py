@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform as host
 import threading
 import time
@@ -33,7 +34,8 @@ from layerstore.digests import chain_ids, check_digest, sha256_digest
 from layerstore.errors import ImageError, LiftoffError, RegistryError
 from layerstore.oci import mediatypes
 from layerstore.oci.source import RegistrySource, read_blob
-from snapshotter.containerd_api import CHUNK, Code, ContainerdClient, ContainerdError, descriptor, unique_part
+from layerstore.units import format_size
+from snapshotter.containerd_api import CHUNK, DEFAULT_ADDRESS, Code, ContainerdClient, ContainerdError, descriptor, unique_part
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
 INHERITED_PREFIX = "containerd.io/snapshot/"  # layer annotations containerd passes on as snapshot labels
@@ -48,6 +50,8 @@ UNCOMPRESSED = "containerd.io/uncompressed"
 MAX_LABEL = 4096  # containerd refuses a label whose key and value together are longer
 MAX_CONFIG_BYTES = 8 << 20
 FETCH_WORKERS = 3  # containerd's default max_concurrent_downloads
+ADDRESS_ENV = "CONTAINERD_ADDRESS"  # what ctr reads for --address
+NAMESPACE_ENV = "CONTAINERD_NAMESPACE"  # what ctr and nerdctl read for --namespace
 PREPARE_TRIES = 3
 
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm/v7", "ppc64le": "ppc64le"}
@@ -491,18 +495,28 @@ class _Puller:
 # The command line
 
 
+def default_address() -> str:
+    """containerd's socket as ctr finds it: $CONTAINERD_ADDRESS, else the standard path."""
+    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+def default_namespace() -> str:
+    """The containerd namespace as ctr and nerdctl find it: $CONTAINERD_NAMESPACE, else "default"."""
+    return os.environ.get(NAMESPACE_ENV) or "default"
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """`liftoff pull`: pull, printing a line per layer (or one JSON document with --json)."""
 
     def show(i: int, n: int, r: LayerResult) -> None:
-        fetched = f"  {_size(r.fetched_bytes)} fetched" if r.fetched_bytes else ""
+        fetched = f"  {format_size(r.fetched_bytes)} fetched" if r.fetched_bytes else ""
         print(f"  layer {i + 1}/{n}  {r.digest[:19]}  {r.state:<7}  {r.seconds:6.2f} s{fetched}", flush=True)
 
     result = pull(
         args.image,
-        args.address,
+        args.address or default_address(),
         snapshotter=args.snapshotter,
-        namespace=args.namespace,
+        namespace=args.namespace or default_namespace(),
         plain_http=args.plain_http,
         docker_config=args.docker_config,
         platform=args.platform,
@@ -516,13 +530,6 @@ def run_cli(args: argparse.Namespace) -> int:
     print(
         f"pulled {result.image} ({result.platform}, {result.target[:19]}) into namespace {result.namespace} with "
         f"snapshotter {result.snapshotter}: {counts['remote']} remote, {counts['applied']} applied, "
-        f"{counts['present']} already present; {_size(fetched)} fetched in {result.seconds:.1f} s"
+        f"{counts['present']} already present; {format_size(fetched)} fetched in {result.seconds:.1f} s"
     )
     return 0
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"

@@ -3,6 +3,8 @@
 import argparse
 import importlib
 
+import pytest
+
 from layerstore import cli
 from tests.conftest import run_cli
 
@@ -26,3 +28,26 @@ def test_help_lists_every_command():
 def test_unknown_command_fails_cleanly():
     done = run_cli("no-such-command", check=False)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "option"),
+    [
+        ("fused", ["--root", "/nonexistent", "--store", "file:///nonexistent"], "--cache-size"),
+        ("fused", ["--root", "/nonexistent", "--store", "file:///nonexistent"], "--max-readahead"),
+        ("fused", ["--root", "/nonexistent", "--store", "file:///nonexistent"], "--fill-rate"),
+        ("snapshotter", ["--root", "/nonexistent"], "--cache-size"),
+        ("snapshotter", ["--root", "/nonexistent"], "--fuse-readahead"),
+        ("convert", ["oci:/nonexistent:v1", "--store", "file:///nonexistent"], "--chunk-size"),
+        ("weights bench", ["file:///nonexistent"], "--range-size"),
+        ("weights load", ["file:///nonexistent"], "--pool"),
+        ("proxy", ["--upstream", "a.io=https://a.io", "--cache-dir", "/nonexistent"], "--cache-size"),
+        ("proxy", ["--upstream", "a.io=https://a.io", "--cache-dir", "/nonexistent"], "--max-manifest-size"),
+    ],
+)
+def test_a_bad_size_is_a_usage_error_naming_the_option(command, args, option):
+    """Every size option parses with layerstore.units: a typo is argparse's one error line, exit 2."""
+    done = run_cli(*command.split(), *args, option, "10X", check=False, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"liftoff {command}: error: argument {option}: '10X' is not a size"), done.stderr

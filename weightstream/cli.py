@@ -8,16 +8,8 @@ import resource
 import statistics
 import sys
 
-from weightstream.options import DEFAULT_CONCURRENCY, DEFAULT_POOL_BYTES, DEFAULT_RANGE_SIZE
-
-
-def _bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    value = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        return int(float(value[:-1]) * units[value[-1]]) if value and value[-1] in units else int(value)
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 16MiB, 256M, 1048576)") from None
+from layerstore.units import format_size, size_arg
+from weightstream.options import DEFAULT_CONCURRENCY, DEFAULT_POOL_BYTES, DEFAULT_RANGE_SIZE, MIN_RANGE_SIZE
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
@@ -25,13 +17,17 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3 endpoint (default: the AWS configuration)")
     p.add_argument("--region", help="S3 region (default: the AWS configuration)")
     p.add_argument("--path-style", action="store_true", help="path-style S3 addressing (most S3-compatible servers)")
-    p.add_argument("--range-size", type=_bytes, help=f"bytes per ranged GET (default {DEFAULT_RANGE_SIZE >> 20}MiB)")
+    p.add_argument(
+        "--range-size",
+        type=size_arg(MIN_RANGE_SIZE),
+        help=f"bytes per ranged GET (default {format_size(DEFAULT_RANGE_SIZE)})",
+    )
     p.add_argument("--concurrency", type=int, help=f"parallel connections (default {DEFAULT_CONCURRENCY})")
     p.add_argument(
         "--pool",
-        type=_bytes,
+        type=size_arg(MIN_RANGE_SIZE),
         dest="pool_bytes",
-        help=f"memory held ahead of the consumer (default {DEFAULT_POOL_BYTES >> 20}MiB)",
+        help=f"memory held ahead of the consumer (default {format_size(DEFAULT_POOL_BYTES)})",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -147,7 +143,7 @@ def run_bench(args: argparse.Namespace) -> int:
         rows.append({"range_size": range_size, "concurrency": concurrency, "gbps": round(gbps, 3), "retries": retries})
         if not args.json:
             print(
-                f"range {range_size >> 20:>3} MiB  x {concurrency:>2} connections: {gbps:6.2f} GB/s  ({retries} retries)",
+                f"range {format_size(range_size):>7}  x {concurrency:>2} connections: {gbps:6.2f} GB/s  ({retries} retries)",
                 flush=True,
             )
     best = max(rows, key=lambda r: r["gbps"])
@@ -155,7 +151,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps({"url": args.url, "runs": rows, "best": best, "peak_rss_mb": round(_peak_rss_mb())}))
     else:
         print(
-            f"best: {best['range_size'] >> 20} MiB x {best['concurrency']} at {best['gbps']:.2f} GB/s; "
+            f"best: {format_size(best['range_size'])} x {best['concurrency']} at {best['gbps']:.2f} GB/s; "
             f"peak RSS {_peak_rss_mb():.0f} MB"
         )
     return 0

@@ -16,6 +16,7 @@ MiB = 1 << 20
 DEFAULT_RANGE_SIZE = 16 * MiB
 DEFAULT_CONCURRENCY = 16
 DEFAULT_POOL_BYTES = 512 * MiB
+MIN_RANGE_SIZE = 64 * 1024  # below this each GET costs more than it carries
 HEADER_PROBE_BYTES = 256 * 1024  # first GET: the 8-byte length and, for almost every file, the whole header
 
 
@@ -43,7 +44,7 @@ class StreamOptions:
     min_piece: int = 256 * 1024
 
     def __post_init__(self) -> None:
-        if self.range_size < 64 * 1024:
+        if self.range_size < MIN_RANGE_SIZE:
             raise ValueError(f"range_size {self.range_size} is below 64 KiB: each GET would cost more than it carries")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")

@@ -47,7 +47,6 @@ def test_config_writes_a_hosts_dir(tmp_path):
         (["--upstream", "a.io=https://a.io", "--upstream", "a.io=https://b.io"], "given twice"),
         (["--upstream", "a.io=https://a.io", "--pass-credentials", "b.io"], "--pass-credentials b.io: no such --upstream"),
         (["--upstream", "a.io=https://a.io", "--default-upstream", "b.io"], "--default-upstream b.io: no such --upstream"),
-        (["--upstream", "a.io=https://a.io", "--cache-size", "lots"], "bad size 'lots'"),
         (["--upstream", "a.io=https://a.io", "--listen", "nowhere"], "bad --listen"),
         (["--upstream", "a.io=https://a.io", "--convert-workers", "0"], "--convert-workers must be at least 1"),
         (

@@ -10,8 +10,9 @@ import time
 import pytest
 
 from layerstore.errors import LiftoffError
+from layerstore.units import parse_size
 from registry_proxy.blobcache import BlobCache
-from registry_proxy.config import ProxyConfig, parse_listen, parse_size, parse_upstreams
+from registry_proxy.config import ProxyConfig, parse_listen, parse_upstreams
 from registry_proxy.errors import ProxyError
 from registry_proxy.queue import ConversionQueue
 from registry_proxy.routes import Route, parse_route, pick_upstream
