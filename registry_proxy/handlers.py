@@ -12,8 +12,9 @@ from aiohttp import web
 from yarl import URL
 
 from registry_proxy import sending
+from registry_proxy.auth import identity_of
 from registry_proxy.errors import ProxyError, StreamBroken, bad_gateway
-from registry_proxy.inflight import Download
+from registry_proxy.inflight import Download, SharedCalls
 from registry_proxy.routes import Route, parse_route, pick_upstream
 from registry_proxy.source import TOKEN_HEADER
 from registry_proxy.upstream import UpstreamClient
@@ -32,6 +33,7 @@ class V2Handler:
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.shared = SharedCalls()  # upstream questions asked by many clients at once, asked once
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         note = request["liftoff"]
@@ -98,10 +100,15 @@ class V2Handler:
     ) -> web.StreamResponse:
         proxy, digest, repository = self.proxy, route.reference, route.repository
         note = request["liftoff"]
-        if digest in proxy.cache or digest in proxy.fetcher.active:
-            await proxy.access.confirm(client, repository, digest, "blob", client_auth)
+        # A download in flight for this repository answers for it (bytes or the upstream's 404); a cached blob,
+        # or one on its way for another repository, is served only once the upstream confirms this one has it.
+        confirm = digest in proxy.cache or (
+            digest in proxy.fetcher.active and not proxy.fetcher.joinable(client, repository, digest, client_auth)
+        )
+        if confirm:
+            await self._confirm(client, repository, digest, client_auth)
         headers = {**API_VERSION, **sending.blob_headers(digest)}
-        if sending.not_modified(request, digest) and (digest in proxy.cache or digest in proxy.fetcher.active):
+        if sending.not_modified(request, digest) and confirm:
             return web.Response(status=304, headers=headers)
         opened = proxy.cache.open(digest)
         if opened is not None:
@@ -130,6 +137,13 @@ class V2Handler:
             )
         finally:
             download.close_reader(reader)
+
+    async def _confirm(self, client: UpstreamClient, repository: str, digest: str, client_auth: str | None) -> None:
+        """The upstream has `digest` in `repository` (one HEAD however many clients ask at once); ProxyError if not."""
+        if self.proxy.access.linked(client.name, repository, digest):
+            return
+        key = ("confirm", client.name, repository, digest, identity_of(client_auth))
+        await self.shared.run(key, lambda: self.proxy.access.confirm(client, repository, digest, "blob", client_auth))
 
     async def _send(self, request: web.Request, headers: dict[str, str], size: int, body: BodySender) -> web.StreamResponse:
         start, length, partial = sending.parse_range(request.headers.get("Range"), size)
@@ -167,12 +181,8 @@ class V2Handler:
         active = self.proxy.fetcher.active.get(route.reference)
         size = active.total if active is not None and active.started else None
         if size is None:
-            what = f"blob {route.reference} of {route.repository}"
-            path = f"/v2/{route.repository}/blobs/{route.reference}"
-            response = await client.send("HEAD", path, route.repository, "blob", what, client_auth=client_auth)
-            response.release()
-            self.proxy.access.link(client.name, route.repository, route.reference)
-            size = response.content_length
+            key = ("head", client.name, route.repository, route.reference, identity_of(client_auth))
+            size = await self.shared.run(key, lambda: self._head(client, route.repository, route.reference, client_auth))
         request["liftoff"]["source"] = "upstream"
         answer = web.StreamResponse(status=200, headers=headers)
         if size is not None:
@@ -180,6 +190,14 @@ class V2Handler:
         await answer.prepare(request)
         await answer.write_eof()
         return answer
+
+    async def _head(self, client: UpstreamClient, repository: str, digest: str, client_auth: str | None) -> int | None:
+        """The upstream's HEAD of a blob: its size (None if not given); ProxyError if the upstream lacks it."""
+        what, path = f"blob {digest} of {repository}", f"/v2/{repository}/blobs/{digest}"
+        response = await client.send("HEAD", path, repository, "blob", what, client_auth=client_auth)
+        response.release()
+        self.proxy.access.link(client.name, repository, digest)
+        return response.content_length
 
     # Tags
 

@@ -1,5 +1,10 @@
 """Single-flight blob downloads: one upstream fetch per digest, any number of clients streaming it as it arrives.
 
+Misses are shared as hits are: clients of the download's repository (and credentials) that join it get
+its outcome, the upstream's 404 included, without asking the upstream themselves; other upstream
+questions (is this cached blob in that repository? how large is it?) go through SharedCalls, one
+request per question however many clients ask it at once.
+
 A download writes the upstream body into a temp file (pwrite at known offsets) while hashing it; readers
 open their own descriptor of that file (/proc/self/fd, so a rename or unlink does not matter) and send
 what has arrived. The last byte is held back until the digest is verified, so no client ever receives a
@@ -13,13 +18,14 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import aiohttp
 
+from registry_proxy.auth import identity_of
 from registry_proxy.blobcache import BlobCache
 from registry_proxy.errors import ProxyError, bad_gateway, gateway_timeout
 from registry_proxy.metrics import ProxyMetrics
@@ -28,15 +34,50 @@ from registry_proxy.upstream import UpstreamClient
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+T = TypeVar("T")
+
+
+def fresh(error: ProxyError) -> ProxyError:
+    """A copy of a shared error, so that each client's raise carries its own traceback."""
+    return ProxyError(error.status, error.code, error.message, error.detail, dict(error.headers))
+
+
+class SharedCalls:
+    """Concurrent awaits of one key share one call: the first starts it (as a task of its own, so a client
+    that goes away cancels nothing), every caller gets its result or a copy of its ProxyError."""
+
+    def __init__(self) -> None:
+        self._calls: dict[Hashable, asyncio.Task] = {}
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def run(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
+        task = self._calls.get(key)
+        if task is None:
+            task = asyncio.ensure_future(call())
+            self._calls[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        try:
+            return await asyncio.shield(task)
+        except ProxyError as e:
+            raise fresh(e) from None
+
+    def _finished(self, key: Hashable, task: asyncio.Task) -> None:
+        if self._calls.get(key) is task:
+            del self._calls[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone away
 
 
 class Download:
-    """One blob on its way from upstream into a temp file."""
+    """One blob on its way from upstream into a temp file, fetched with `identity`'s credentials."""
 
-    def __init__(self, digest: str, upstream: str, repository: str, fd: int, temp: Path) -> None:
+    def __init__(self, digest: str, upstream: str, repository: str, fd: int, temp: Path, identity: str = "") -> None:
         self.digest = digest
         self.upstream = upstream
         self.repository = repository
+        self.identity = identity
         self.fd = fd
         self.temp = temp
         self.total: int | None = None  # the upstream's Content-Length, once its headers arrived
@@ -90,7 +131,7 @@ class Download:
         while not self.started and self.error is None:
             await self._wait()
         if self.error is not None and not self.started:
-            raise self.error
+            raise fresh(self.error)
 
     def available(self) -> int:
         """Bytes a reader may send: everything once verified, else all but the last byte received."""
@@ -100,7 +141,7 @@ class Download:
         """Until more than `position` bytes may be sent (or the blob is complete); the new limit."""
         while True:
             if self.error is not None:
-                raise self.error
+                raise fresh(self.error)
             limit = self.available()
             if limit > position or self.verified:
                 return limit
@@ -109,7 +150,7 @@ class Download:
     async def wait_verified(self) -> None:
         while not self.verified:
             if self.error is not None:
-                raise self.error
+                raise fresh(self.error)
             await self._wait()
 
     def open_reader(self) -> BinaryIO:
@@ -135,6 +176,16 @@ class BlobFetcher:
         self._tasks: set[asyncio.Task] = set()
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blob-io")
 
+    def joinable(self, client: UpstreamClient, repository: str, digest: str, client_auth: str | None) -> bool:
+        """Whether a download of `digest` is in flight for this upstream, repository and credentials: its
+        outcome (bytes or the upstream's error) answers this client too, with no question upstream."""
+        found = self.active.get(digest)
+        return found is not None and (found.upstream, found.repository, found.identity) == (
+            client.name,
+            repository,
+            identity_of(client_auth),
+        )
+
     def fetch(
         self, client: UpstreamClient, repository: str, digest: str, client_auth: str | None
     ) -> tuple[Download, BinaryIO, bool]:
@@ -144,7 +195,7 @@ class BlobFetcher:
         if found is not None:
             return found, found.open_reader(), True
         fd, temp = self.cache.new_temp()
-        download = Download(digest, client.name, repository, fd, temp)
+        download = Download(digest, client.name, repository, fd, temp, identity_of(client_auth))
         self.active[digest] = download
         reader = download.open_reader()
         task = asyncio.create_task(self._run(download, client, client_auth), name=f"fetch {digest}")

@@ -3,7 +3,9 @@ so), every client gets the exact bytes as they arrive, ranges included."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 
 import requests
 
@@ -11,6 +13,7 @@ from tests.faultproxy import FaultProxy
 from tests.proxy.helpers import push_image, registry_gets, start_proxy, wait_cached
 
 CLIENTS = 8
+MISSING_CLIENTS = 200
 
 
 def test_concurrent_pulls_of_one_blob_fetch_it_upstream_once(registry, tmp_path):
@@ -75,6 +78,65 @@ def test_concurrent_manifest_requests_share_one_upstream_request(registry, tmp_p
             t.join()
         assert bodies == [image.manifest] * CLIENTS
         assert relay.requests - seen == 1
+    finally:
+        proxy.stop()
+        relay.stop()
+
+
+def _burst(url: str, method: str = "GET") -> list[tuple[int, dict | None]]:
+    """MISSING_CLIENTS requests at once (threads released together); (status, error JSON) of each."""
+    answers: list[tuple[int, dict | None]] = []
+    start = threading.Barrier(MISSING_CLIENTS)
+
+    def ask() -> None:
+        start.wait()
+        r = requests.request(method, url, timeout=60)
+        answers.append((r.status_code, r.json() if r.content else None))
+
+    threads = [threading.Thread(target=ask) for _ in range(MISSING_CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def _upstream_requests(registry, method: str, path: str, expected: int) -> int:
+    """`method` requests of `path` in the registry's access log (waiting up to 5 s for `expected` to be written)."""
+    deadline = time.monotonic() + 5
+    while True:
+        count = sum(1 for line in registry.service.log().splitlines() if f'"{method} {path} HTTP/' in line)
+        if count >= expected or time.monotonic() > deadline:
+            return count
+
+
+def test_concurrent_requests_for_a_missing_blob_share_one_upstream_miss(registry, tmp_path):
+    """A miss is shared as a download is: every client asking while the upstream answers gets its 404."""
+    image = push_image(registry.host, tmp_path, "singleflight/missing", [1000])
+    missing = "sha256:" + hashlib.sha256(f"never pushed {tmp_path}".encode()).hexdigest()
+    present = image.layer_digests[0]
+    relay = FaultProxy(("127.0.0.1", int(registry.host.split(":")[1])), delay_seconds=3.0)
+    relay.match = lambda head: b"/blobs/" in head.split(b"\r\n", 1)[0]
+    proxy = start_proxy(tmp_path / "proxy", [(registry.host, relay.endpoint)])
+    try:
+        # the upstream's first answer takes 3 s: every client arrives while it is in flight
+        for method, path, upstream_method in [
+            ("GET", image.blob_path(missing), "GET"),  # a download that ends in 404
+            ("HEAD", image.blob_path(missing), "HEAD"),  # a HEAD asked upstream
+            ("GET", f"/v2/singleflight/elsewhere/blobs/{present}", "HEAD"),  # cached, but is it in this repository?
+        ]:
+            if path.endswith(present):
+                assert proxy.get(image.blob_path(present)).content == image.blobs[present]
+                wait_cached(proxy, [present])
+            relay.inject("delay")
+            answers = _burst(proxy.url + path, method)
+            assert len(answers) == MISSING_CLIENTS
+            for status, body in answers:
+                assert status == 404, (method, path, status)
+                if method == "GET":
+                    assert body["errors"][0]["code"] == "BLOB_UNKNOWN" and "not known upstream" in body["errors"][0]["message"]
+            assert _upstream_requests(registry, upstream_method, path, 1) == 1, (method, path)
+        assert _upstream_requests(registry, "HEAD", image.blob_path(missing), 1) == 1  # the GETs asked no HEAD
     finally:
         proxy.stop()
         relay.stop()
