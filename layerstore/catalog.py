@@ -10,7 +10,7 @@ from layerstore.index import decode_index, decompress_chunk
 from layerstore.layout import IMAGES, chunk_key, digest_from_key, image_key, layer_index_key
 from layerstore.oci.reference import parse_reference
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
-from layerstore.records import ImageRecord, IndexRecord, parse_image_key_record
+from layerstore.records import ImageRecord, IndexRecord, layout_reference, parse_image_key_record
 from layerstore.stores import Store, StoreChain
 
 Record = ImageRecord | IndexRecord
@@ -44,6 +44,8 @@ def find_image(stores: Store | StoreChain, name: str) -> tuple[str, Record]:
             return name, load_record(stores, name)
         except ObjectNotFound:
             raise ObjectNotFound(f"no image {name} in the store: run liftoff convert first") from None
+    if name.startswith("oci:"):
+        return _find_layout_image(stores, name)
     wanted = {name}
     try:
         wanted.add(str(parse_reference(name)))
@@ -56,6 +58,30 @@ def find_image(stores: Store | StoreChain, name: str) -> tuple[str, Record]:
     if matches:
         return matches[0]
     raise ObjectNotFound(f"no image named {name!r} in the store: run liftoff convert {name} first, or pass a digest")
+
+
+def _find_layout_image(stores: Store | StoreChain, name: str) -> tuple[str, Record]:
+    """`oci:DIR[:TAG]` as convert resolves it: the layout's manifest digest; if the layout is gone
+    or unreadable, the record converted under that name (layout_reference)."""
+    from layerstore.oci.source import LayoutSource, layout_spec  # the registry client only when needed
+
+    try:
+        _, _, digest = LayoutSource(name).resolve()
+    except (LiftoffError, OSError):
+        digest = None
+    if digest is not None:
+        try:
+            return digest, load_record(stores, digest)
+        except ObjectNotFound:
+            raise ObjectNotFound(
+                f"{name} is image {digest}, which is not in the store: run liftoff convert {name} first"
+            ) from None
+    reference = layout_reference(*layout_spec(name))
+    matches = [(d, r) for d, r in iter_records(stores) if reference in r.references]
+    indexes = [m for m in matches if isinstance(m[1], IndexRecord)]
+    if indexes or matches:
+        return (indexes or matches)[0]
+    raise ObjectNotFound(f"no image converted from {reference} in the store: run liftoff convert {name} first")
 
 
 def image_records(stores: Store | StoreChain, record: Record) -> list[ImageRecord]:

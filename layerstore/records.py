@@ -7,12 +7,17 @@
 An image record keeps the manifest and config bytes exactly (base64), so a
 client can create the image in containerd from the store alone, and the
 startup profile once one is recorded.
+
+Its references are the names it was converted from: a registry reference with its
+tag (`host/repo:tag`, normalized as docker does), or an OCI layout as
+`oci:<absolute directory>[:<tag>]` (layout_reference).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,6 +137,12 @@ class IndexRecord:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{where}: malformed index record ({e})") from None
+
+
+def layout_reference(directory: str | os.PathLike[str], tag: str | None) -> str:
+    """The reference recorded for an image converted from an OCI layout: `oci:<absolute dir>[:<tag>]`,
+    so the same layout named from another working directory finds the same record."""
+    return f"oci:{os.path.abspath(directory)}" + (f":{tag}" if tag else "")
 
 
 def parse_image_key_record(data: bytes, where: str) -> ImageRecord | IndexRecord:

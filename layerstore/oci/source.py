@@ -15,6 +15,7 @@ from layerstore.oci.auth import DockerCredentials
 from layerstore.oci.bounded import BoundedReader, fetch_deadline
 from layerstore.oci.reference import Reference, parse_reference
 from layerstore.oci.registry import RegistryClient
+from layerstore.records import layout_reference
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
@@ -94,16 +95,22 @@ class RegistrySource:
         self.client.close()
 
 
+def layout_spec(text: str) -> tuple[str, str | None]:
+    """(directory, tag or None) of `oci:DIR[:TAG]` (a DIR that exists as written wins over a tag split)."""
+    spec = text[len("oci:") :] if text.startswith("oci:") else text
+    if ":" in spec and "/" not in spec.rsplit(":", 1)[1] and not os.path.isdir(spec):
+        directory, tag = spec.rsplit(":", 1)
+        return directory, tag
+    return spec, None
+
+
 class LayoutSource:
     """An OCI image layout directory: oci:DIR[:TAG]."""
 
     def __init__(self, text: str) -> None:
         self.name = text
-        self.reference = None
-        spec = text[len("oci:") :] if text.startswith("oci:") else text
-        directory, tag = spec, None
-        if ":" in spec and "/" not in spec.rsplit(":", 1)[1] and not os.path.isdir(spec):
-            directory, tag = spec.rsplit(":", 1)
+        directory, tag = layout_spec(text)
+        self.reference = layout_reference(directory, tag)  # recorded with the image: inspect/rm/verify find it by it
         self.root = Path(directory)
         self.tag = tag
         if not (self.root / "index.json").is_file():
