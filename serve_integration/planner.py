@@ -31,11 +31,18 @@ as the plan's gap.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import math
+import os
+import re
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from serve_integration.model import EPSILON, ClusterState, Deployment, Node, add, fits, subtract
@@ -290,6 +297,50 @@ class _Solution:
     solver: str
 
 
+_STDOUT_LOCK = threading.Lock()
+_SOLVER_LINE = re.compile(rb"^\s*Highs\w*::")  # HiGHS's printf diagnostics: "HighsMipSolverData::..."
+
+
+@contextmanager
+def _solver_stdout_silenced() -> Iterator[None]:
+    """Keep HiGHS's C-level diagnostics out of our stdout.
+
+    `disp=False` turns HiGHS's own log off, but some of its MIP code prints with printf regardless.
+    While the solver runs, file descriptor 1 goes to a temp file; afterwards the solver's lines are
+    logged at debug level and anything else written there (another thread's output) is passed on.
+    """
+    with _STDOUT_LOCK:
+        try:
+            saved = os.dup(1)
+        except OSError:  # no stdout at all: nothing to protect
+            yield
+            return
+        with tempfile.TemporaryFile() as capture:
+            if sys.stdout is not None:
+                sys.stdout.flush()
+            os.dup2(capture.fileno(), 1)
+            try:
+                yield
+            finally:
+                ctypes.CDLL(None).fflush(None)  # printf's buffer goes to the capture, not to the real stdout later
+                if sys.stdout is not None:
+                    sys.stdout.flush()
+                os.dup2(saved, 1)
+                os.close(saved)
+                capture.seek(0)
+                for line in capture:
+                    if _SOLVER_LINE.match(line):
+                        log.debug("HiGHS: %s", line.decode(errors="replace").rstrip())
+                    else:
+                        _write_all(1, line)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _milp(
     prob: _Problem, time_limit_s: float, relax: bool = False, extra: Sequence[NodeType] = (), free_repack: bool = False
 ) -> tuple[_Solution | None, float]:
@@ -399,7 +450,8 @@ def _milp(
     options = {"time_limit": max(0.1, time_limit_s), "disp": False, "presolve": True}
     if not relax:
         options["mip_rel_gap"] = 0.0
-    res = milp(c, integrality=integrality, bounds=Bounds(lb, ub), constraints=constraints, options=options)
+    with _solver_stdout_silenced():
+        res = milp(c, integrality=integrality, bounds=Bounds(lb, ub), constraints=constraints, options=options)
     if res.x is None:
         return None, 0.0
     if relax:

@@ -1,0 +1,51 @@
+"""HiGHS prints some MIP diagnostics with printf whatever its options say: the planner keeps them out
+of the process's stdout (checked on file descriptor 1 of a separate process, where printf writes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+# A cluster snapshot taken from `liftoff compact simulate` (seed 1, 48 h, step 1082) on which the node-swap
+# advice program made HiGHS print "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();".
+CHATTY = Path(__file__).parent / "data" / "highs_chatty_state.json"
+
+PLAN = """
+import json, sys
+from serve_integration.model import ClusterState
+from serve_integration.planner import Budget, NodeType, plan
+d = json.load(open(sys.argv[1]))
+p = plan(ClusterState.from_dict(d["state"]), Budget(**d["budget"]), time_limit_s=d["time_limit_s"],
+         node_types=[NodeType(**t) for t in d["node_types"]], advice_min_fraction=d["advice_min_fraction"])
+print("remove", *p.remove)
+"""
+
+PASS_THROUGH = """
+import os
+from serve_integration.planner import _solver_stdout_silenced
+print("before", flush=True)
+with _solver_stdout_silenced():
+    os.write(1, b"HighsMipSolverData::something internal\\n")
+    print("another thread's line")
+print("after")
+"""
+
+
+def python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_the_planner_prints_no_solver_diagnostics():
+    done = python(PLAN, str(CHATTY))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("remove"), done.stdout  # the plan, and nothing from the solver
+
+
+def test_other_output_during_a_solve_is_kept_in_order():
+    done = python(PASS_THROUGH)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "before\nanother thread's line\nafter\n"
