@@ -3,11 +3,14 @@ of the process's stdout (checked on file descriptor 1 of a separate process, whe
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.conftest import ROOT, run_cli
 
 # A cluster snapshot taken from `liftoff compact simulate` (seed 1, 48 h, step 1082) on which the node-swap
 # advice program made HiGHS print "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();".
@@ -49,3 +52,11 @@ def test_other_output_during_a_solve_is_kept_in_order():
     done = python(PASS_THROUGH)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "before\nanother thread's line\nafter\n"
+
+
+@pytest.mark.slow
+def test_compact_simulate_output_is_only_its_results():
+    """The command as a user ran it: seed 1 reaches the snapshot above (about 2 minutes on 2 cores)."""
+    done = run_cli("compact", "simulate", "--seeds", "1", "--json", timeout=900)
+    assert "Highs" not in done.stdout
+    assert json.loads(done.stdout)["seeds"] == [1]  # nothing but the JSON document on stdout
