@@ -57,6 +57,12 @@ def register(subparsers) -> None:
         "--tag-ttl", type=float, default=60.0, metavar="SECONDS", help="revalidate tags upstream after this long (default 60)"
     )
     p.add_argument(
+        "--fetch-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest one upstream blob download may take (default: 10 min plus its size at 256 KiB/s)",
+    )
+    p.add_argument(
         "--upstream-timeout",
         type=float,
         default=30.0,
@@ -125,6 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
         cache_size=args.cache_size,
         tag_ttl=args.tag_ttl,
         upstream_timeout=args.upstream_timeout,
+        fetch_timeout=args.fetch_timeout,
         docker_config=args.docker_config,
         stores=args.store or [],
         store_options=store_options(args),

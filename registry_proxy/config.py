@@ -47,6 +47,7 @@ class ProxyConfig:
     cache_size: int = 20 << 30
     tag_ttl: float = 60.0
     upstream_timeout: float = 30.0  # connect, and silence while reading
+    fetch_timeout: float | None = None  # one whole blob download (None: scaled from its size)
     docker_config: str | None = None
     stores: list[str] = field(default_factory=list)
     store_options: dict = field(default_factory=dict)

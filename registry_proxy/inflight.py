@@ -25,6 +25,7 @@ from typing import BinaryIO, TypeVar
 
 import aiohttp
 
+from layerstore.oci.bounded import fetch_deadline, human
 from registry_proxy.auth import identity_of
 from registry_proxy.blobcache import BlobCache
 from registry_proxy.errors import ProxyError, bad_gateway, gateway_timeout
@@ -168,7 +169,15 @@ class Download:
 class BlobFetcher:
     """Starts or joins downloads; `on_fetched(upstream, repository, digest)` records who may read a blob."""
 
-    def __init__(self, cache: BlobCache, metrics: ProxyMetrics, on_fetched: Callable[[str, str, str], None]) -> None:
+    def __init__(
+        self,
+        cache: BlobCache,
+        metrics: ProxyMetrics,
+        on_fetched: Callable[[str, str, str], None],
+        fetch_timeout: float | None = None,
+    ) -> None:
+        """`fetch_timeout`: seconds any one download may take (default: scaled from its size)."""
+        self.fetch_timeout = fetch_timeout
         self.cache = cache
         self.metrics = metrics
         self.on_fetched = on_fetched
@@ -250,6 +259,21 @@ class BlobFetcher:
                 download.temp.unlink(missing_ok=True)
             download.finish()
 
+    def _check_bounds(self, download: Download, client: UpstreamClient, what: str, elapsed: float) -> None:
+        """Cut off a body with no announced length past the cache's size, and any body slower than the
+        minimum average rate (layerstore.oci.bounded.fetch_deadline), so a trickle cannot hold a download forever."""
+        if download.total is None and download.written > self.cache.capacity:
+            raise bad_gateway(
+                f"upstream {client.name} sent more than the proxy's whole cache ({human(self.cache.capacity)}) "
+                f"for {what} without announcing a length; nothing was cached"
+            )
+        if elapsed > fetch_deadline(max(download.total or 0, download.written), self.fetch_timeout):
+            self.metrics.upstream_errors.labels(client.name, "slow").inc()
+            raise gateway_timeout(
+                f"upstream {client.name} sent only {human(download.written)} of {what} in {elapsed:.0f} s; "
+                "nothing was cached (a working link is faster: check the upstream)"
+            )
+
     async def _receive(self, download: Download, client: UpstreamClient, response: aiohttp.ClientResponse, what: str) -> bool:
         loop = asyncio.get_running_loop()
         download.start(response.content_length)
@@ -259,10 +283,12 @@ class BlobFetcher:
             hasher.update(chunk)
             os.pwrite(download.fd, chunk, offset)
 
+        started = loop.time()
         while chunk := await response.content.read(CHUNK):
             await loop.run_in_executor(self._io, write, chunk, download.written)
             download.progress(len(chunk))
             self.metrics.upstream_bytes.labels(client.name).inc(len(chunk))
+            self._check_bounds(download, client, what, loop.time() - started)
         if download.total is not None and download.written != download.total:
             raise bad_gateway(
                 f"upstream {client.name} sent {download.written} of the {download.total} bytes it announced for {what}"

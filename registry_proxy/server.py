@@ -53,7 +53,7 @@ class Proxy:
         self.cache = BlobCache(config.cache_dir, config.cache_size, self.metrics)
         self.access = Access(self.db)
         self.manifests = ManifestCache(self.db, self.access, self.metrics, config.tag_ttl, config.max_manifest_bytes)
-        self.fetcher = BlobFetcher(self.cache, self.metrics, self.access.link)
+        self.fetcher = BlobFetcher(self.cache, self.metrics, self.access.link, self.config.fetch_timeout)
         self.queue = ConversionQueue(self.db, config.convert_retries, config.retry_backoff)
         self.metrics.watch_queue(self.queue.counts)
         self.credentials = DockerCredentials(config.docker_config)
