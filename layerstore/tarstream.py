@@ -299,8 +299,8 @@ class TarReader:
         kind = _TYPES.get(typeflag)
         if kind is None:
             raise ImageError(f"tar entry {_show(name)}: unsupported typeflag {typeflag!r}")
-        if kind == pb.ENTRY_TYPE_REGULAR and typeflag in (b"0", b"\0") and name.endswith(b"/"):
-            kind = pb.ENTRY_TYPE_DIRECTORY  # old tars mark directories by a trailing slash
+        if typeflag == b"\0" and name.endswith(b"/"):
+            kind = pb.ENTRY_TYPE_DIRECTORY  # pre-POSIX tars mark directories so; a '0' file "x/" stays a file (Go's reader)
         try:
             entry = TarEntry(
                 path=normalize_path(name),

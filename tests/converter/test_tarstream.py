@@ -157,3 +157,15 @@ def test_aufs_metadata_is_skipped_like_containerd():
     members = [_info(".wh..wh.plnk", type=tarfile.DIRTYPE), _info(".wh..wh.plnk/123.456", size=2), _info("kept", size=1)]
     tar = _tar(tarfile.PAX_FORMAT, [(m, b"q" * m.size) for m in members])
     assert [e["path"] for e in read_all(tar)] == [b"kept"]
+
+
+def test_trailing_slash_means_directory_only_for_pre_posix_typeflag():
+    """Go's reader (so containerd) reads a '\\0' entry "d/" as a directory, a '0' entry "f/" as a file."""
+    tar = bytearray(_tar(tarfile.USTAR_FORMAT, [(_info("d/", size=0), b""), (_info("f/", size=4), b"data")]))
+    tar[156] = 0  # the first header's typeflag: '\0'
+    tar[148:156] = b"        "
+    tar[148:156] = b"%06o\0 " % sum(tar[:512])
+    assert [(e["path"], e["type"], e["content"]) for e in read_all(bytes(tar))] == [
+        (b"d", pb.ENTRY_TYPE_DIRECTORY, b""),
+        (b"f", pb.ENTRY_TYPE_REGULAR, b"data"),
+    ]
