@@ -29,6 +29,12 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
         dest="pool_bytes",
         help=f"memory held ahead of the consumer (default {format_size(DEFAULT_POOL_BYTES)})",
     )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="seconds without a byte before a request is abandoned and retried; three in a row fail (default 20)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -63,7 +69,7 @@ def register(subparsers) -> None:
 def _open(args: argparse.Namespace, **overrides: object):
     import weightstream
 
-    tunables = {k: getattr(args, k) for k in ("range_size", "concurrency", "pool_bytes")}
+    tunables = {k: getattr(args, k) for k in ("range_size", "concurrency", "pool_bytes", "stall_timeout")}
     tunables.update(overrides)
     return weightstream.open(
         args.url,

@@ -47,3 +47,22 @@ def test_weights_bench_and_config(tmp_path, s3_prefix):
     done = run_cli("weights", "config", s3_prefix.url(), str(tmp_path / "local"))
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["config.json", "tokenizer.json"]
     assert "--load-format liftoff" in done.stdout
+
+
+def test_weights_load_gives_up_on_a_silent_endpoint_within_its_stall_timeout():
+    """`--stall-timeout` reaches every request: a server that accepts and never answers fails in ~3 stalls."""
+    import time
+
+    from tests.silent_server import SilentServer
+
+    server = SilentServer()
+    try:
+        started = time.monotonic()
+        url = f"s3://any-bucket/llama/?endpoint_url={server.endpoint}&path_style=true"
+        done = run_cli("weights", "load", url, "--stall-timeout", "1", check=False)
+        elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "check the endpoint" in done.stderr
+    assert elapsed < 30, elapsed
