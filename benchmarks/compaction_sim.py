@@ -5,7 +5,7 @@ One command:
     python -m benchmarks.compaction_sim                 # 5 seeds x 48 h, prints a markdown table
     python -m benchmarks.compaction_sim --json out.json # also the raw numbers
 
-The cluster model, the traces and the policies live in `serve_integration/simulate.py` (also behind
+The cluster model, the traces and the policies live in `serve_integration/compaction/simulate.py` (also behind
 `liftoff compact simulate`); this script runs the standard scenario and formats the results.
 """
 
@@ -36,7 +36,7 @@ def _quiet_stdout():
 
 
 def markdown(res: dict, wall_s: float) -> str:
-    from serve_integration.simulate import POLICIES
+    from serve_integration.compaction.simulate import POLICIES
 
     s = res["summary"]
     lines = [
@@ -81,7 +81,7 @@ def markdown(res: dict, wall_s: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serve_integration.simulate import format_results, run_seeds
+    from serve_integration.compaction.simulate import format_results, run_seeds
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1,2,3,4,5")

@@ -5,7 +5,7 @@
 
 The replica is a container (containerd + runc) of the `server` image: the torch image of
 benchmarks/build_images.py plus liftoff (a wheel of this repository), boto3 and safetensors,
-running `python3 -m serve_integration.server` with a TinyLM checkpoint of ~1.6 GB (fp32)
+running `python3 -m serve_integration.examples.server` with a TinyLM checkpoint of ~1.6 GB (fp32)
 from the store. Both the registry and the store (nginx serving a directory, path-style S3)
 sit behind the shaping proxy; fresh containerd and liftoff state and dropped page caches per run.
 
@@ -165,7 +165,7 @@ def replica(containerd, ref: str, snapshotter: str, model_url: str, loader: str,
         f"replica-{port}",
         "python3",
         "-m",
-        "serve_integration.server",
+        "serve_integration.examples.server",
         "--model-url",
         model_url,
         "--loader",
@@ -241,8 +241,8 @@ def ray_autoscaling(model_url: str) -> dict:
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from serve_integration.examples.twin import build_twin_app
     from serve_integration.replica import ReplicaOptions
-    from serve_integration.twin import build_twin_app
 
     results = {}
     for loader in ("download", "weightstream"):
@@ -310,7 +310,7 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     store_root = WORK / "store"
-    from serve_integration.tinylm import TinyConfig, parameter_bytes, save_checkpoint
+    from serve_integration.examples.tinylm import TinyConfig, parameter_bytes, save_checkpoint
 
     layers = max(1, round(args.model_gb * 1e9 / parameter_bytes(TinyConfig(dim=2048, layers=1, heads=16))))
     config = TinyConfig(dim=2048, layers=layers, heads=16)
@@ -338,7 +338,7 @@ def main() -> None:
             "--",
             "python3",
             "-m",
-            "serve_integration.server",
+            "serve_integration.examples.server",
             "--model-url",
             model0,
             "--port",

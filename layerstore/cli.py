@@ -21,7 +21,7 @@ COMPONENTS = [
     "snapshotter.cli",
     "weightstream.cli",
     "registry_proxy.cli",
-    "serve_integration.cli",
+    "serve_integration.compaction.cli",
     "layerstore.demo",
 ]
 # Which component registers each top-level command.
@@ -38,7 +38,7 @@ COMMANDS = {
     "fused": "snapshotter.cli",
     "profile": "snapshotter.cli",
     "weights": "weightstream.cli",
-    "compact": "serve_integration.cli",
+    "compact": "serve_integration.compaction.cli",
     "demo": "layerstore.demo",
     "proxy": "registry_proxy.cli",
 }

@@ -80,8 +80,8 @@ def _drop_caches() -> None:
 
 def stream_sample_model(work: Path, s3, say) -> dict:
     """5. A small language model's weights from the S3 server into memory: weightstream vs download-then-load."""
-    from serve_integration.tinylm import TinyConfig, save_checkpoint
-    from serve_integration.twin import load_downloading, load_streaming
+    from serve_integration.examples.tinylm import TinyConfig, save_checkpoint
+    from serve_integration.examples.twin import load_downloading, load_streaming
 
     config = TinyConfig(dim=1024, layers=4, heads=8)
     reference = save_checkpoint(work / "model", config, seed=3)

@@ -1,8 +1,9 @@
 """Ray Serve integration: vLLM replicas on liftoff, and replica compaction.
 
-Compaction (issue 8), one job per module: `model` (the cluster as data), `cluster` (reading it from a
-live Ray cluster), `planner` (which nodes to empty, an integer program), `raypolicy` (Ray Serve 2.60's
-own rule, for comparison), `executor` (drain through the GCS, let Serve migrate, release), `providers`
-(who takes emptied nodes back), `state` (the in-flight plan), `controller` (the loop), `metrics`,
-`simulate` (trace-driven comparison of policies) and `cli` (`liftoff compact ...`).
+Three parts, imported in one direction only:
+- the Ray Serve glue, here: `replica` (what every replica shares), `llm` (Ray Serve LLM apps for
+  vLLM streaming weights), `apps` (config-file builders, e.g. a RayService's serveConfigV2);
+- `compaction/` (`liftoff compact`): packing replicas onto fewer nodes and releasing the rest;
+- `examples/`: the CPU twin (TinyLM under Serve) and a plain HTTP model server, used by tests,
+  benchmarks and the demo. Nothing in the product imports them; they may import the product.
 """

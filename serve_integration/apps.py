@@ -1,5 +1,6 @@
 """Ray Serve application builders for config files (`import_path: serve_integration.apps:vllm_app`,
-e.g. a KubeRay RayService's serveConfigV2): each takes the application's `args` mapping."""
+e.g. a KubeRay RayService's serveConfigV2): each takes the application's `args` mapping. The CPU
+twin's builder is an example: `serve_integration.examples.twin:twin_app`."""
 
 from __future__ import annotations
 
@@ -35,10 +36,3 @@ def vllm_app(args: dict[str, Any]):
         options=_options(args, num_gpus=1),
         accelerator_type=args.get("accelerator_type"),
     )
-
-
-def twin_app(args: dict[str, Any]):
-    """The CPU twin: TinyLM replicas loading from args["model_url"] (loader: weightstream or download)."""
-    from serve_integration.twin import build_twin_app
-
-    return build_twin_app(args["model_url"], _options(args), loader=args.get("loader", "weightstream"))

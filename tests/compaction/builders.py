@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve_integration.model import ClusterState, Deployment, Node, Replica
+from serve_integration.compaction.model import ClusterState, Deployment, Node, Replica
 
 
 def node(node_id: str, gpus: float, price: float, *, head: bool = False, labels: dict | None = None, **kw) -> Node:

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from layerstore import cli as liftoff_cli
-from serve_integration.providers import ClusterUtilsProvider, register_provider, unregister_provider
+from serve_integration.compaction.providers import ClusterUtilsProvider, register_provider, unregister_provider
 from tests.compaction import apps
 from tests.compaction.livecluster import CHEAP, EXPENSIVE, LiveCluster, LoadLoop, wait_for
 from tests.conftest import ROOT, run_cli
@@ -77,7 +77,7 @@ def test_plan_cli_drains_the_expensive_nodes(live):
 
 
 def test_compact_run_empties_the_expensive_nodes_with_no_failed_request(live, tmp_path):
-    from serve_integration.cluster import RayCluster
+    from serve_integration.compaction.cluster import RayCluster
 
     before = live.load.ok
     start = RayCluster(live.address).snapshot()
@@ -116,10 +116,10 @@ def test_compact_run_empties_the_expensive_nodes_with_no_failed_request(live, tm
 
 
 def _controller(live, provider, state_path, **executor):
-    from serve_integration.cluster import RayCluster
-    from serve_integration.controller import Controller, ControllerConfig
-    from serve_integration.executor import ExecutorConfig
-    from serve_integration.state import FileStore
+    from serve_integration.compaction.cluster import RayCluster
+    from serve_integration.compaction.controller import Controller, ControllerConfig
+    from serve_integration.compaction.executor import ExecutorConfig
+    from serve_integration.compaction.state import FileStore
 
     cfg = ControllerConfig(
         stability_window_s=0, interval_s=1, executor=ExecutorConfig(poll_s=0.5, release_timeout_s=30, **executor)
@@ -171,7 +171,7 @@ def test_replacement_failing_its_health_check_aborts_without_losing_capacity(liv
 
 
 def test_restart_rolls_back_a_plan_that_never_drained(live, tmp_path):
-    from serve_integration.state import Journal
+    from serve_integration.compaction.state import Journal
 
     provider = ClusterUtilsProvider(live.cluster)
     ctl = _controller(live, provider, tmp_path / "state.json", replica_start_timeout_s=30)
@@ -217,7 +217,7 @@ def test_controller_killed_mid_plan_resumes_after_restart(live, tmp_path):
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=30)
     y1 = live.node_id("y1")
-    from serve_integration.cluster import RayCluster
+    from serve_integration.compaction.cluster import RayCluster
 
     assert y1 in RayCluster(live.address).draining()  # killed mid-plan: y1 drains, nobody watches
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
@@ -238,7 +238,7 @@ def test_node_swap_advice_reaches_the_autoscaler(live, tmp_path):
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
-    from serve_integration.planner import NodeType
+    from serve_integration.compaction.planner import NodeType
 
     ctl = _controller(live, ClusterUtilsProvider(live.cluster), tmp_path / "state.json")
     big = NodeType("l4x8", {"GPU": 8.0, "CPU": 1.0}, 1.0, {"ray.io/node-group": "l4x8"})
@@ -255,7 +255,7 @@ def test_node_swap_advice_reaches_the_autoscaler(live, tmp_path):
 
 
 def test_controller_runs_as_a_ray_actor(live):
-    from serve_integration.controller import ControllerConfig, start_actor
+    from serve_integration.compaction.controller import ControllerConfig, start_actor
 
     actor = start_actor(ControllerConfig(dry_run=True, stability_window_s=0), name="liftoff-compaction-test")
     try:

@@ -9,13 +9,13 @@ import sys
 import pytest
 import requests
 
-from serve_integration.cluster import ClusterError, Pricing
-from serve_integration.controller import decide, signature
-from serve_integration.metrics import Metrics
-from serve_integration.planner import plan
-from serve_integration.providers import CommandProvider, kuberay_scale_down, make_provider
-from serve_integration.simulate import default_scenario, demand_traces, run_all
-from serve_integration.state import FileStore, Journal
+from serve_integration.compaction.cluster import ClusterError, Pricing
+from serve_integration.compaction.controller import decide, signature
+from serve_integration.compaction.metrics import Metrics
+from serve_integration.compaction.planner import plan
+from serve_integration.compaction.providers import CommandProvider, kuberay_scale_down, make_provider
+from serve_integration.compaction.simulate import default_scenario, demand_traces, run_all
+from serve_integration.compaction.state import FileStore, Journal
 from tests.compaction.builders import toy
 from tests.compaction.livecluster import free_port
 from tests.conftest import ROOT, run_cli
@@ -42,7 +42,7 @@ def test_unknown_provider_fails_before_connecting():
 
 def test_importing_the_cli_pulls_in_neither_ray_nor_scipy():
     code = (
-        "import sys, argparse; from serve_integration import cli, controller, planner, simulate; "
+        "import sys, argparse; from serve_integration.compaction import cli, controller, planner, simulate; "
         "p = argparse.ArgumentParser(); cli.register(p.add_subparsers()); "
         "print(sorted(m for m in ('ray', 'scipy') if m in sys.modules))"
     )
@@ -114,7 +114,7 @@ def test_providers_without_a_cluster():
 
 
 def test_render_plan_and_metrics():
-    from serve_integration.cli import render_plan
+    from serve_integration.compaction.cli import render_plan
 
     st = toy()
     text = render_plan(st, plan(st))

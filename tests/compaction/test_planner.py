@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from serve_integration.model import ClusterState, selector_matches
-from serve_integration.planner import Budget, NodeType, Plan, optimum, plan, validate
-from serve_integration.raypolicy import compact_to_fixpoint
+from serve_integration.compaction.model import ClusterState, selector_matches
+from serve_integration.compaction.planner import Budget, NodeType, Plan, optimum, plan, validate
+from serve_integration.compaction.raypolicy import compact_to_fixpoint
 from tests.compaction.builders import dep, node, state, toy
 
 FREE = Budget(min_healthy_fraction=0.0, max_price_ratio=0.0, max_draining_nodes=100)

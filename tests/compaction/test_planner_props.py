@@ -7,9 +7,9 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_integration.model import ClusterState, Deployment, Node, Replica, fits, subtract
-from serve_integration.planner import Budget, _prepare, plan, validate
-from serve_integration.raypolicy import compact_to_fixpoint
+from serve_integration.compaction.model import ClusterState, Deployment, Node, Replica, fits, subtract
+from serve_integration.compaction.planner import Budget, _prepare, plan, validate
+from serve_integration.compaction.raypolicy import compact_to_fixpoint
 
 PRICES = [0.8, 1.0, 2.0, 3.5, 5.0, 8.0, 13.0]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

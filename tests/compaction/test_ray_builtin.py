@@ -40,9 +40,9 @@ def live():
 def test_rays_compaction_versus_liftoff(live):
     from ray import serve
 
-    from serve_integration.cluster import RayCluster
-    from serve_integration.planner import Budget, plan, validate
-    from serve_integration.raypolicy import compact_to_fixpoint
+    from serve_integration.compaction.cluster import RayCluster
+    from serve_integration.compaction.planner import Budget, plan, validate
+    from serve_integration.compaction.raypolicy import compact_to_fixpoint
 
     live.add("e1", 2, EXPENSIVE)
     live.add("e2", 2, EXPENSIVE)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 
-from serve_integration.model import ClusterState
-from serve_integration.raypolicy import compact_to_fixpoint, find_node_to_compact, node_size, required_resources
+from serve_integration.compaction.model import ClusterState
+from serve_integration.compaction.raypolicy import compact_to_fixpoint, find_node_to_compact, node_size, required_resources
 from tests.compaction.builders import dep, node, state
 from tests.compaction.test_planner_props import clusters
 

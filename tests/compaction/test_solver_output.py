@@ -18,8 +18,8 @@ CHATTY = Path(__file__).parent / "data" / "highs_chatty_state.json"
 
 PLAN = """
 import json, sys
-from serve_integration.model import ClusterState
-from serve_integration.planner import Budget, NodeType, plan
+from serve_integration.compaction.model import ClusterState
+from serve_integration.compaction.planner import Budget, NodeType, plan
 d = json.load(open(sys.argv[1]))
 p = plan(ClusterState.from_dict(d["state"]), Budget(**d["budget"]), time_limit_s=d["time_limit_s"],
          node_types=[NodeType(**t) for t in d["node_types"]], advice_min_fraction=d["advice_min_fraction"])
@@ -28,7 +28,7 @@ print("remove", *p.remove)
 
 PASS_THROUGH = """
 import os
-from serve_integration.planner import _solver_stdout_silenced
+from serve_integration.compaction.planner import _solver_stdout_silenced
 print("before", flush=True)
 with _solver_stdout_silenced():
     os.write(1, b"HighsMipSolverData::something internal\\n")

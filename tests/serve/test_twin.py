@@ -13,9 +13,9 @@ import urllib.request
 import pytest
 
 from layerstore.localservices import free_port
+from serve_integration.examples.tinylm import TinyConfig, TinyLM, save_checkpoint
+from serve_integration.examples.twin import build_twin_app, empty_model, load_downloading, load_streaming
 from serve_integration.replica import ReplicaOptions
-from serve_integration.tinylm import TinyConfig, TinyLM, save_checkpoint
-from serve_integration.twin import build_twin_app, empty_model, load_downloading, load_streaming
 
 CONFIG = TinyConfig(dim=64, layers=2, heads=4, context=64)
 
@@ -55,7 +55,7 @@ def test_empty_model_is_allocated_and_restores_the_initializers():
 def test_empty_model_runs_no_initializer():
     """In a fresh process: no initializer ran on the meta device (which would import sympy and ~800 modules)."""
     code = (
-        "import sys, torch; from serve_integration.twin import empty_model; "
+        "import sys, torch; from serve_integration.examples.twin import empty_model; "
         f"empty_model({CONFIG.to_json()!r}); print('sympy' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -114,7 +114,7 @@ def test_container_server_answers_once_loaded_and_warm(model_url):
     generation ran, health timings in that order, and the model's own answer."""
     url, reference = model_url
     port = free_port()
-    argv = [sys.executable, "-m", "serve_integration.server", "--model-url", url, "--port", str(port)]
+    argv = [sys.executable, "-m", "serve_integration.examples.server", "--model-url", url, "--port", str(port)]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         ready_line = server.stdout.readline()

@@ -1,6 +1,6 @@
 """A minimal TinyLM HTTP server for a container (no Ray): what the scale-up benchmark starts.
 
-    python3 -m serve_integration.server --model-url s3://bucket/tiny/ --loader weightstream --port 8080
+    python3 -m serve_integration.examples.server --model-url s3://bucket/tiny/ --loader weightstream --port 8080
 
 GET /health answers 503 until the weights are loaded and one warm-up generation ran, then {"ready": true, timings}; POST
 /generate {"prompt", "max_new_tokens"} -> {"text"}. Timings use the wall clock, so the host
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     state["listening_at"] = time.time()
     import_loader(args.loader)
-    from serve_integration.twin import load_downloading, load_streaming, warm_up
+    from serve_integration.examples.twin import load_downloading, load_streaming, warm_up
 
     state["imported_at"] = time.time()
     state["model"] = load_streaming(args.model_url) if args.loader == "weightstream" else load_downloading(args.model_url)

@@ -24,8 +24,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from serve_integration.cluster import ClusterError, RayCluster
-from serve_integration.model import Node
+from serve_integration.compaction.cluster import ClusterError, RayCluster
+from serve_integration.compaction.model import Node
 
 log = logging.getLogger(__name__)
 

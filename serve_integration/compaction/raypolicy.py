@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from serve_integration.model import EPSILON, IMPLICIT_RESOURCE_PREFIX, ClusterState, Deployment
+from serve_integration.compaction.model import EPSILON, IMPLICIT_RESOURCE_PREFIX, ClusterState, Deployment
 
 GIB = 2**30
 
@@ -174,7 +174,7 @@ def find_node_to_compact(state: ClusterState, custom_priority: Sequence[str] = (
 
 
 def _matches(state: ClusterState, node_id: str, selector: Mapping[str, str]) -> bool:
-    from serve_integration.model import selector_matches
+    from serve_integration.compaction.model import selector_matches
 
     return not selector or selector_matches(state.nodes[node_id].labels, selector)
 

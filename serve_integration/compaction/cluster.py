@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from layerstore.errors import LiftoffError
-from serve_integration.model import (
+from serve_integration.compaction.model import (
     IMPLICIT_RESOURCE_PREFIX,
     ClusterState,
     Deployment,

@@ -104,7 +104,7 @@ def register(subparsers) -> None:
 
 
 def _budget(args: argparse.Namespace):
-    from serve_integration.planner import Budget
+    from serve_integration.compaction.planner import Budget
 
     if not 0.0 <= args.min_healthy_fraction <= 1.0:
         raise LiftoffError(f"--min-healthy-fraction must be within 0..1, got {args.min_healthy_fraction}")
@@ -118,7 +118,7 @@ def _budget(args: argparse.Namespace):
 
 
 def _node_types(path: str | None):
-    from serve_integration.planner import NodeType
+    from serve_integration.compaction.planner import NodeType
 
     if not path:
         return ()
@@ -140,15 +140,15 @@ def _node_types(path: str | None):
 
 
 def _connect(args: argparse.Namespace):
-    from serve_integration.cluster import Pricing, RayCluster
+    from serve_integration.compaction.cluster import Pricing, RayCluster
 
     pricing = Pricing.load(args.prices, default=args.default_price, label=args.price_label)
     return RayCluster(args.address, pricing, scheduling=args.scheduling)
 
 
 def _config(args: argparse.Namespace):
-    from serve_integration.controller import ControllerConfig
-    from serve_integration.executor import ExecutorConfig
+    from serve_integration.compaction.controller import ControllerConfig
+    from serve_integration.compaction.executor import ExecutorConfig
 
     return ControllerConfig(
         interval_s=getattr(args, "interval", 30.0),
@@ -229,7 +229,7 @@ def render_plan(state, plan) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from serve_integration.controller import Controller
+    from serve_integration.compaction.controller import Controller
 
     cluster = _connect(args)
     state = cluster.snapshot()
@@ -242,15 +242,15 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace, cluster):
-    from serve_integration.state import FileStore, KVStore
+    from serve_integration.compaction.state import FileStore, KVStore
 
     return KVStore(cluster) if args.state == "kv" else FileStore(args.state)
 
 
 def run_loop(args: argparse.Namespace) -> int:
-    from serve_integration.controller import Controller
-    from serve_integration.metrics import Metrics
-    from serve_integration.providers import make_provider
+    from serve_integration.compaction.controller import Controller
+    from serve_integration.compaction.metrics import Metrics
+    from serve_integration.compaction.providers import make_provider
 
     if args.act_on_advice and not args.node_types:
         raise LiftoffError("--act-on-advice needs --node-types FILE: the node types the autoscaler can launch, with prices")
@@ -287,7 +287,7 @@ def run_loop(args: argparse.Namespace) -> int:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from serve_integration.simulate import format_results, run_seeds
+    from serve_integration.compaction.simulate import format_results, run_seeds
 
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

@@ -3,6 +3,7 @@ store through weightstream (or, to compare, are downloaded to disk and then load
 
     app = build_twin_app("s3://bucket/models/tiny/", ReplicaOptions(...))
     serve.run(app, name="tiny", route_prefix="/tiny")
+    # or from a config file: import_path: serve_integration.examples.twin:twin_app
     POST /tiny {"prompt": "...", "max_new_tokens": 16} -> {"text": ..., "replica": {...}}
 """
 
@@ -17,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from serve_integration.replica import ReplicaOptions
@@ -62,7 +64,7 @@ def empty_model(config_text: str):
     Built on the CPU with the initializers skipped: no page is touched until the load writes it. Not on the
     meta device: there `normal_` and `to_empty` run torch's Python reference kernels, whose first use imports
     sympy and ~800 modules (1.2-1.7 s of a replica's start here)."""
-    from serve_integration.tinylm import TinyConfig, TinyLM
+    from serve_integration.examples.tinylm import TinyConfig, TinyLM
 
     with _initializers_skipped():
         return TinyLM(TinyConfig.from_json(config_text)).eval()
@@ -162,3 +164,11 @@ def build_twin_app(model_url: str, options: ReplicaOptions | None = None, loader
     options = options or ReplicaOptions()
     deployment = serve.deployment(TinyLMServer, name=name, **options.deployment_options())
     return deployment.bind(model_url, loader)
+
+
+def twin_app(args: dict[str, Any]):
+    """Config-file builder (`import_path: serve_integration.examples.twin:twin_app`): TinyLM replicas
+    loading from args["model_url"] (args["loader"]: weightstream or download)."""
+    from serve_integration.apps import _options
+
+    return build_twin_app(args["model_url"], _options(args), loader=args.get("loader", "weightstream"))

@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from serve_integration.cluster import ClusterError, RayCluster
-from serve_integration.model import ClusterState, Node
-from serve_integration.planner import Budget, Plan, _place, _prepare
-from serve_integration.providers import NodeProvider
-from serve_integration.state import Journal
+from serve_integration.compaction.cluster import ClusterError, RayCluster
+from serve_integration.compaction.model import ClusterState, Node
+from serve_integration.compaction.planner import Budget, Plan, _place, _prepare
+from serve_integration.compaction.providers import NodeProvider
+from serve_integration.compaction.state import Journal
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def _last_line(message: str) -> str:
 
 
 def _free(prob, state: ClusterState, n: str) -> dict[str, float]:
-    from serve_integration.model import subtract
+    from serve_integration.compaction.model import subtract
 
     return subtract(prob.capacity[n], state.used(n))
 

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from serve_integration.model import EPSILON, ClusterState, Deployment, Node, add, fits, subtract
+from serve_integration.compaction.model import EPSILON, ClusterState, Deployment, Node, add, fits, subtract
 
 log = logging.getLogger(__name__)
 
@@ -610,7 +610,7 @@ def _greedy(prob: _Problem) -> _Solution:
 
 def _ray_rule_solution(prob: _Problem) -> _Solution | None:
     """Ray's own rule as a candidate, so the fallback is never worse than it (when it fits the budget)."""
-    from serve_integration.raypolicy import compact_to_fixpoint
+    from serve_integration.compaction.raypolicy import compact_to_fixpoint
 
     if prob.fixed_remove:
         return None

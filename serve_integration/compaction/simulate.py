@@ -26,9 +26,9 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from serve_integration.model import ClusterState, Deployment, Node, Replica, selector_matches
-from serve_integration.planner import Budget, NodeType, optimum, plan
-from serve_integration.raypolicy import COMPACTION_TIMEOUT_S, NODE_COMPACTION_DELAY_S, find_node_to_compact
+from serve_integration.compaction.model import ClusterState, Deployment, Node, Replica, selector_matches
+from serve_integration.compaction.planner import Budget, NodeType, optimum, plan
+from serve_integration.compaction.raypolicy import COMPACTION_TIMEOUT_S, NODE_COMPACTION_DELAY_S, find_node_to_compact
 
 
 @dataclass

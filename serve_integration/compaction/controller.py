@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from serve_integration.cluster import ClusterError, Pricing, RayCluster
-from serve_integration.executor import Executor, ExecutorConfig, Outcome, WaveOutcome
-from serve_integration.metrics import Metrics
-from serve_integration.model import ClusterState
-from serve_integration.planner import Budget, NodeType, Plan, plan
-from serve_integration.providers import NodeProvider, RayAutoscalerProvider
-from serve_integration.state import Journal, KVStore, StateStore
+from serve_integration.compaction.cluster import ClusterError, Pricing, RayCluster
+from serve_integration.compaction.executor import Executor, ExecutorConfig, Outcome, WaveOutcome
+from serve_integration.compaction.metrics import Metrics
+from serve_integration.compaction.model import ClusterState
+from serve_integration.compaction.planner import Budget, NodeType, Plan, plan
+from serve_integration.compaction.providers import NodeProvider, RayAutoscalerProvider
+from serve_integration.compaction.state import Journal, KVStore, StateStore
 
 log = logging.getLogger(__name__)
 
