@@ -10,7 +10,7 @@ except for the streaming load formats it knows. `LiftoffCallback` makes that dow
 the safetensors (config, tokenizer and index only), and the engine gets
 `load_format="liftoff"` with the checkpoint URL in `model_loader_extra_config`, which
 weightstream's vLLM loader (registered through the `vllm.general_plugins` entry point)
-reads. Needs the `vllm` extra and GPUs; the CPU twin (twin.py) runs the same path here.
+reads. Needs the `vllm` extra and GPUs; the CPU twin (examples/twin.py) runs the same path here.
 """
 
 from __future__ import annotations
