@@ -73,9 +73,61 @@ class Node:
         return self.children is not None
 
 
+def _mtime(mtime_ns: int) -> int:
+    """The mtime the applier sets: times before the epoch (or past 2262) become the epoch."""
+    return mtime_ns if 0 <= mtime_ns < 1 << 63 else 0
+
+
+def _xattrs(entry: pb.Entry, kind: int) -> dict[str, bytes]:
+    """The xattrs the applier manages to set on a file of type `kind` (S_IF*): never trusted.*
+    (refused), user.* only on regular files and directories (the kernel refuses the rest)."""
+    out: dict[str, bytes] = {}
+    if not entry.xattrs:
+        return out
+    for name, value in entry.xattrs.items():
+        if name.startswith("trusted.") or (name.startswith("user.") and kind not in (stat.S_IFREG, stat.S_IFDIR)):
+            continue
+        out[name] = value
+    return out
+
+
+def _is_whiteout(node: Node) -> bool:
+    """An overlayfs whiteout: a 0/0 character device (from a .wh. entry, or such a device in a tar)."""
+    return stat.S_ISCHR(node.mode) and node.rdev == 0
+
+
+def _relink(target: Node, entry: pb.Entry) -> None:
+    """A hardlink entry's own header applied to the inode it shares, as the applier does: chown
+    (which drops a file capability), its xattrs, chmod (not on a symlink) and mtime."""
+    target.uid, target.gid = entry.uid, entry.gid
+    target.xattrs.pop("security.capability", None)
+    target.xattrs.update(_xattrs(entry, stat.S_IFMT(target.mode)))
+    if not stat.S_ISLNK(target.mode):
+        target.mode = stat.S_IFMT(target.mode) | entry.mode
+    target.mtime_ns = _mtime(entry.mtime_ns)
+
+
+def _count_links(upper: Node) -> None:
+    """Each file's link count: the names it has in its own layer once the layer is applied."""
+    counts: dict[int, int] = {}
+    files: list[Node] = []
+    stack = [upper]
+    while stack:
+        for child in stack.pop().children.values():  # type: ignore[union-attr]
+            if child.is_dir:
+                stack.append(child)
+            elif not _is_whiteout(child):
+                if id(child) not in counts:
+                    files.append(child)
+                counts[id(child)] = counts.get(id(child), 0) + 1
+    for node in files:
+        node.nlink = counts[id(node)]
+
+
 def _node(entry: pb.Entry, layer: int) -> Node:
-    node = Node(_S_IFMT[entry.type] | entry.mode, entry.uid, entry.gid, entry.mtime_ns)
-    node.xattrs = dict(entry.xattrs)
+    kind = _S_IFMT[entry.type]
+    node = Node(kind | entry.mode, entry.uid, entry.gid, _mtime(entry.mtime_ns))
+    node.xattrs = _xattrs(entry, kind)
     if entry.type == pb.ENTRY_TYPE_REGULAR:
         node.size = entry.size
         node.layer = layer
@@ -128,69 +180,136 @@ class View:
             node = child
         return node
 
-    def _parent(self, path: bytes) -> tuple[Node | None, bytes]:
-        parent_path, _, name = path.rpartition(b"/")
-        return self._walk(parent_path, create=True), name
-
     def _apply(self, number: int, index: pb.LayerIndex) -> None:
-        opaque: list[bytes] = []
-        for entry in index.entries:  # whiteouts act on the layers below this one
-            if entry.type == pb.ENTRY_TYPE_WHITEOUT:
-                parent = self._walk(entry.path.rpartition(b"/")[0], create=False)
-                if parent is not None and parent.children is not None:
-                    parent.children.pop(entry.path.rpartition(b"/")[2], None)
-                self._hide(entry.path)
-            elif entry.type == pb.ENTRY_TYPE_OPAQUE:
-                directory = self._walk(entry.path, create=False)
-                if directory is not None and directory.children is not None:
-                    directory.children.clear()
-                opaque.append(entry.path)
-        links: dict[int, int] = {}
+        """Apply one layer as containerd's applier unpacks it into a snapshot of its own, then merge
+        that snapshot over the tree below as overlayfs shows it."""
+        upper = _implicit_dir()
+        opaque: set[int] = set()  # ids of this layer's directories marked opaque
+        dir_times: list[tuple[bytes, int]] = []
+        linked = False
+        last: tuple[bytes, Node | None] = (b"\0", None)  # the parent directory of the entry before
         for entry in index.entries:
-            if entry.type in (pb.ENTRY_TYPE_WHITEOUT, pb.ENTRY_TYPE_OPAQUE):
-                continue
-            if entry.type == pb.ENTRY_TYPE_HARDLINK:
-                target = self._walk(entry.link_target, create=False)
-                if target is None or target.is_dir:
-                    continue  # the converter refuses such layers; be safe with foreign indexes
-                self._place(entry.path, target)
-                links[id(target)] = links.get(id(target), 1) + 1
-                target.nlink = links[id(target)]
+            if entry.type == pb.ENTRY_TYPE_OPAQUE:
+                directory = self._make_dirs(upper, entry.path)
+                if directory is not None:
+                    opaque.add(id(directory))
                 continue
             if not entry.path:  # the layer's root directory: its metadata only
-                self._update_dir(self.root, entry)
+                if entry.type == pb.ENTRY_TYPE_DIRECTORY:
+                    self._update_dir(self.root, entry, merge=False)
                 continue
-            parent, name = self._parent(entry.path)
+            parent_path, _, name = entry.path.rpartition(b"/")
+            parent = last[1] if last[0] == parent_path else self._make_dirs(upper, parent_path)
+            last = (parent_path, parent)
             if parent is None or parent.children is None:
-                continue  # beneath a non-directory: the converter refuses it
+                continue  # beneath a file of the same layer: containerd's applier fails on it too
             existing = parent.children.get(name)
-            if entry.type == pb.ENTRY_TYPE_DIRECTORY and existing is not None and existing.is_dir:
-                self._update_dir(existing, entry)
-                continue
-            node = _node(entry, number)
-            if node.is_dir and self.layers_below and (existing is not None or entry.path in self._hidden):
-                node.xattrs[OPAQUE_XATTR] = b"y"  # what lay here below the run stays hidden
-            self._hidden.discard(entry.path)
-            parent.children[name] = node
-        for path in opaque:
-            directory = self._walk(path, create=True)
-            if directory is not None and directory.is_dir and self.layers_below:
-                directory.xattrs[OPAQUE_XATTR] = b"y"
+            if existing is not None:
+                last = (b"\0", None)  # a replaced entry may lie on the remembered parent's path
+            if entry.type == pb.ENTRY_TYPE_WHITEOUT:
+                parent.children[name] = Node(stat.S_IFCHR)  # overlayfs's whiteout, as the applier makes it
+            elif entry.type == pb.ENTRY_TYPE_HARDLINK:
+                target = self._walk_in(upper, entry.link_target)
+                if target is None or target.is_dir:
+                    continue  # the converter refuses such layers; be safe with foreign indexes
+                _relink(target, entry)
+                parent.children[name] = target
+                linked = True
+            elif entry.type == pb.ENTRY_TYPE_DIRECTORY:
+                dir_times.append((entry.path, _mtime(entry.mtime_ns)))
+                if existing is not None and existing.is_dir:
+                    self._update_dir(existing, entry, merge=True)  # listed again in this layer: xattrs add up
+                else:
+                    parent.children[name] = _node(entry, number)
+            else:
+                parent.children[name] = _node(entry, number)
+        for path, mtime_ns in dir_times:  # set last, as the applier does, on whatever the path now is
+            node = self._walk_in(upper, path)
+            if node is not None and not stat.S_ISLNK(node.mode):
+                node.mtime_ns = mtime_ns
+        if linked:
+            _count_links(upper)
+        self._merge(self.root, upper, b"", opaque)
 
-    def _place(self, path: bytes, node: Node) -> None:
-        parent, name = self._parent(path)
-        if parent is not None and parent.children is not None:
-            parent.children[name] = node
-            self._hidden.discard(path)
+    def _make_dirs(self, upper: Node, path: bytes) -> Node | None:
+        """The directory at `path` in a layer's own tree, made as the applier makes missing parents:
+        with the metadata of the directory below, if there is one (0755 root-owned otherwise)."""
+        node = upper
+        below: Node | None = self.root
+        for part in path.split(b"/") if path else ():
+            below = below.children.get(part) if below is not None and below.children is not None else None
+            if node.children is None:
+                return None
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _implicit_dir()
+                if below is not None and below.is_dir:
+                    child.mode, child.uid, child.gid, child.mtime_ns = below.mode, below.uid, below.gid, below.mtime_ns
+                    child.xattrs = {k: v for k, v in below.xattrs.items() if not k.startswith("trusted.")}
+            node = child
+        return node if node.is_dir else None
 
     @staticmethod
-    def _update_dir(node: Node, entry: pb.Entry) -> None:
-        opaque = node.xattrs.get(OPAQUE_XATTR)
+    def _walk_in(node: Node, path: bytes) -> Node | None:
+        for part in path.split(b"/") if path else ():
+            if node.children is None or (child := node.children.get(part)) is None:
+                return None
+            node = child
+        return node
+
+    def _merge(self, lower: Node, upper: Node, prefix: bytes, opaque: set[int]) -> None:
+        """Lay a layer's directory over the merged one below, as overlayfs does."""
+        assert lower.children is not None and upper.children is not None
+        if id(upper) in opaque:
+            lower.children.clear()
+            if self.layers_below:
+                lower.xattrs[OPAQUE_XATTR] = b"y"
+        for name, node in upper.children.items():
+            path = prefix + name
+            below = lower.children.get(name)
+            if _is_whiteout(node):
+                lower.children.pop(name, None)
+                self._hide(path)
+            elif node.is_dir and below is not None and below.is_dir:
+                self._copy_dir(below, node)  # a directory over a directory: merged, the upper's metadata
+                self._merge(below, node, path + b"/", opaque)
+            elif node.is_dir:  # a directory where there was none, or over a file: its own children only
+                carrier = _implicit_dir()
+                carrier.children, node.children = node.children, {}
+                if id(node) in opaque:
+                    opaque.add(id(carrier))
+                if self.layers_below and (below is not None or path in self._hidden):
+                    node.xattrs[OPAQUE_XATTR] = b"y"  # what lay here below the run stays hidden
+                self._hidden.discard(path)
+                lower.children[name] = node
+                self._merge(node, carrier, path + b"/", opaque)
+            else:
+                self._hidden.discard(path)
+                lower.children[name] = node
+
+    @staticmethod
+    def _update_dir(node: Node, entry: pb.Entry, merge: bool) -> None:
+        """A directory entry over a directory of the same layer: the applier chowns, chmods and sets
+        xattrs on it (adding to those it has)."""
         node.mode = stat.S_IFDIR | entry.mode
-        node.uid, node.gid, node.mtime_ns = entry.uid, entry.gid, entry.mtime_ns
-        node.xattrs = dict(entry.xattrs)
+        node.uid, node.gid, node.mtime_ns = entry.uid, entry.gid, _mtime(entry.mtime_ns)
+        xattrs = _xattrs(entry, stat.S_IFDIR)
+        if merge:
+            node.xattrs.update(xattrs)
+        else:
+            opaque = node.xattrs.get(OPAQUE_XATTR)
+            node.xattrs = xattrs
+            if opaque:
+                node.xattrs[OPAQUE_XATTR] = opaque
+
+    @staticmethod
+    def _copy_dir(below: Node, upper: Node) -> None:
+        """A layer's directory over one below: overlayfs shows the upper one's metadata."""
+        opaque = below.xattrs.get(OPAQUE_XATTR)
+        below.mode, below.uid, below.gid, below.mtime_ns = upper.mode, upper.uid, upper.gid, upper.mtime_ns
+        below.xattrs = dict(upper.xattrs)
         if opaque:
-            node.xattrs[OPAQUE_XATTR] = opaque
+            below.xattrs[OPAQUE_XATTR] = opaque
 
     def _hide(self, path: bytes) -> None:
         if self.layers_below:
