@@ -8,7 +8,6 @@ it again, which skips layers whose index is already everywhere.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +19,22 @@ from converter.progress import Progress
 from converter.upload import ChunkUploader
 from layerstore import CONVERTER
 from layerstore.chunker import DEFAULT_CHUNK_SIZE
-from layerstore.digests import chain_ids, check_digest
 from layerstore.errors import FormatError, ImageError, LiftoffError, ObjectNotFound
 from layerstore.index import decode_index, encode_index
 from layerstore.layout import chain_key, image_key, layer_index_key
 from layerstore.leases import writing
-from layerstore.oci import mediatypes
 from layerstore.oci.bounded import BoundedReader, fetch_deadline
+from layerstore.oci.manifest import (
+    Index,
+    Manifest,
+    Node,
+    config_platform,
+    image_layers,
+    parse_config,
+    parse_document,
+    select_manifests,
+)
+from layerstore.oci.platform import parse_platforms
 from layerstore.oci.source import ImageSource, read_blob
 from layerstore.records import ChainRecord, ImageRecord, IndexRecord, LayerRecord, parse_image_key_record
 from layerstore.stores import Store
@@ -103,19 +111,22 @@ def convert_image(source: ImageSource, stores: list[Store], options: ConvertOpti
     for store in stores:
         store.prepare_writes()
     media_type, body, digest = source.resolve()
-    media_type, doc = mediatypes.parse_document(body, media_type, f"{source.name}")
+    top = Node(digest, body, parse_document(body, media_type, source.name))
+    wanted = parse_platforms(options.platforms)
     workers = options.workers or default_workers(stores)
     with writing(stores, f"liftoff convert {source.name}"):  # no gc deletes what this conversion reuses
         uploader = ChunkUploader(stores, workers=workers, max_pending=4 * workers, level=options.zstd_level)
         try:
-            if media_type in mediatypes.INDEXES:
-                images = _convert_index(source, stores, options, uploader, digest, media_type, body, doc)
+            if isinstance(top.document, Index):
+                paths = select_manifests(top, lambda child: source.manifest(child.digest), wanted, source.name)
+                images = [_convert_manifest(source, stores, options, uploader, path[-1]) for path in paths]
+                _write_index_record(source, stores, top, images)
             else:
-                images = [_convert_manifest(source, stores, options, uploader, digest, media_type, body, doc)]
+                images = [_convert_manifest(source, stores, options, uploader, top)]
         finally:
             uploader.close()
             options.progress.close()
-    return ConvertResult(source.name, digest, media_type, images, time.monotonic() - started)
+    return ConvertResult(source.name, digest, top.media_type, images, time.monotonic() - started)
 
 
 def default_workers(stores: list[Store]) -> int:
@@ -124,42 +135,11 @@ def default_workers(stores: list[Store]) -> int:
     return 16 if any(store.remote for store in stores) else (os.cpu_count() or 2)
 
 
-def _platform_text(platform: dict) -> str:
-    parts = [platform.get("os", ""), platform.get("architecture", "")]
-    if platform.get("variant"):
-        parts.append(platform["variant"])
-    return "/".join(parts)
-
-
-def _wanted(platform: dict, wanted: list[str] | None) -> bool:
-    if platform.get("os") == "unknown":  # attestation manifests, not runnable images
-        return False
-    if not wanted:
-        return True
-    text = _platform_text(platform)
-    return any(text == w or (w.count("/") == 1 and text.startswith(w + "/")) for w in wanted)
-
-
-def _convert_index(source, stores, options, uploader, digest, media_type, body, doc) -> list[ManifestResult]:
-    children = [m for m in doc["manifests"] if isinstance(m, dict)]
-    chosen = [m for m in children if _wanted(m.get("platform") or {}, options.platforms)]
-    if not chosen:
-        have = ", ".join(sorted({_platform_text(m.get("platform") or {}) for m in children})) or "none"
-        raise ImageError(f"{source.name}: no manifest for platform {', '.join(options.platforms or ['any'])} (index has: {have})")
-    results = []
-    for child in chosen:
-        child_digest = check_digest(child.get("digest", ""), "manifest digest")
-        child_type, child_body = source.manifest(child_digest)
-        child_type, child_doc = mediatypes.parse_document(
-            child_body, child.get("mediaType") or child_type, f"{source.name}@{child_digest}"
-        )
-        if child_type in mediatypes.INDEXES:
-            raise ImageError(f"{source.name}: nested image indexes are not supported ({child_digest})")
-        results.append(_convert_manifest(source, stores, options, uploader, child_digest, child_type, child_body, child_doc))
+def _write_index_record(source: ImageSource, stores: list[Store], top: Node, results: list[ManifestResult]) -> None:
     record = IndexRecord(
-        digest=digest,
-        media_type=media_type,
-        manifest=body,
+        digest=top.digest,
+        media_type=top.media_type,
+        manifest=top.body,
         manifests=[{"digest": r.manifest_digest, "platform": r.platform} for r in results],
         references=[source.reference] if source.reference else [],
         converter=CONVERTER,
@@ -167,63 +147,22 @@ def _convert_index(source, stores, options, uploader, digest, media_type, body, 
     )
     for store in stores:
         store.sync()
-        _put_image_record(store, image_key(digest), record)
-    return results
+        _put_image_record(store, image_key(top.digest), record)
 
 
-def _read_config(source: ImageSource, doc: dict, what: str, fetch_timeout: float | None) -> tuple[str, bytes, dict]:
-    config_desc = doc.get("config")
-    if not isinstance(config_desc, dict):
-        raise ImageError(f"{what}: manifest has no config descriptor")
-    config_digest = check_digest(config_desc.get("digest", ""), "config digest")
-    size = config_desc.get("size")
-    config = read_blob(
-        source,
-        config_digest,
-        MAX_CONFIG_BYTES,
-        "config",
-        size=size if isinstance(size, int) and size >= 0 else None,
-        fetch_timeout=fetch_timeout,
-    )
-    try:
-        parsed = json.loads(config)
-        diff_ids = parsed["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError):
-        raise ImageError(f"{what}: config {config_digest} is not an image config with rootfs.diff_ids") from None
-    if not isinstance(diff_ids, list):
-        raise ImageError(f"{what}: config rootfs.diff_ids is not a list")
-    return config_digest, config, parsed
-
-
-def _convert_manifest(source, stores, options, uploader, digest, media_type, body, doc) -> ManifestResult:
+def _convert_manifest(source, stores, options, uploader, node: Node) -> ManifestResult:
+    digest, manifest = node.digest, node.document
+    assert isinstance(manifest, Manifest)
     what = f"{source.name}@{digest}" if source.name.split("@")[-1] != digest else source.name
-    config_digest, config, parsed = _read_config(source, doc, what, options.fetch_timeout)
-    layers = doc["layers"]
-    diff_ids = parsed["rootfs"]["diff_ids"]
-    if len(diff_ids) != len(layers):
-        raise ImageError(f"{what}: config lists {len(diff_ids)} diff_ids but the manifest has {len(layers)} layers")
-    specs = []
-    for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
-        if not isinstance(layer, dict):
-            raise ImageError(f"{what}: layer {i + 1} descriptor is not an object")
-        size = layer.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ImageError(f"{what}: layer {i + 1} descriptor has no valid size ({size!r})")
-        specs.append(
-            LayerSpec(
-                digest=check_digest(layer.get("digest", ""), f"layer {i + 1} digest"),
-                size=size,
-                media_type=str(layer.get("mediaType", "")),
-                diff_id=check_digest(diff_id, f"layer {i + 1} diff_id"),
-            )
-        )
-    for i, spec in enumerate(specs):  # refuse unsupported media types before any work
-        try:
-            mediatypes.layer_compression(spec.media_type)
-        except ImageError as e:
-            raise ImageError(f"{what}: layer {i + 1}/{len(specs)} {spec.digest}: {e}") from None
-    chains = chain_ids([s.diff_id for s in specs])
-    platform = {k: parsed[k] for k in ("os", "architecture", "variant") if isinstance(parsed.get(k), str)}
+    config_desc = manifest.config
+    config = read_blob(
+        source, config_desc.digest, MAX_CONFIG_BYTES, "config", size=config_desc.size, fetch_timeout=options.fetch_timeout
+    )
+    parsed = parse_config(config, what)
+    layers = image_layers(manifest, parsed, what)  # refuses unsupported media types before any work
+    specs = [LayerSpec(x.descriptor.digest, x.descriptor.size, x.descriptor.media_type, x.diff_id) for x in layers]
+    chains = [x.chain_id for x in layers]
+    platform = config_platform(parsed)
     options.progress.begin(what, len(specs))
 
     def one(i: int) -> LayerResult:
@@ -255,9 +194,9 @@ def _convert_manifest(source, stores, options, uploader, digest, media_type, bod
         store.sync()
     record = ImageRecord(
         manifest_digest=digest,
-        media_type=media_type,
-        manifest=body,
-        config_digest=config_digest,
+        media_type=node.media_type,
+        manifest=node.body,
+        config_digest=config_desc.digest,
         config=config,
         platform=platform,
         layers=[

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerstore.catalog import Record, find_image, image_records, iter_records, load_index
+from layerstore.oci.platform import platform_text
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
 from layerstore.records import ImageRecord, IndexRecord
 from layerstore.stores import StoreChain
@@ -15,7 +16,7 @@ def list_images(stores: StoreChain) -> list[dict]:
     rows = []
     for digest, record in iter_records(stores):
         if isinstance(record, IndexRecord):
-            platforms = [_platform(m.get("platform") or {}) for m in record.manifests]
+            platforms = [platform_text(m.get("platform") or {}) for m in record.manifests]
             rows.append(
                 {
                     "digest": digest,
@@ -31,7 +32,7 @@ def list_images(stores: StoreChain) -> list[dict]:
                     "digest": digest,
                     "kind": "image",
                     "references": record.references,
-                    "platforms": [_platform(record.platform)],
+                    "platforms": [platform_text(record.platform)],
                     "layers": len(record.layers),
                     "tar_bytes": sum(layer.tar_size for layer in record.layers),
                     "files": sum(layer.files for layer in record.layers),
@@ -40,10 +41,6 @@ def list_images(stores: StoreChain) -> list[dict]:
                 }
             )
     return rows
-
-
-def _platform(platform: dict) -> str:
-    return "/".join(str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k))
 
 
 @dataclass
@@ -107,7 +104,7 @@ def _inspect_one(stores: StoreChain, image: ImageRecord) -> dict:
     profile = image.profile or {}
     return {
         "manifest_digest": image.manifest_digest,
-        "platform": _platform(image.platform),
+        "platform": platform_text(image.platform),
         "converter": image.converter,
         "converted_at": image.converted_at,
         "layers": layers,

@@ -111,7 +111,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from layerstore.errors import LiftoffError
-    from registry_proxy.config import ProxyConfig, host_platform, parse_upstreams
+    from layerstore.oci.platform import host_platform
+    from registry_proxy.config import ProxyConfig, parse_upstreams
     from registry_proxy.server import serve
 
     logging.getLogger().setLevel(args.proxy_log_level.upper())
@@ -139,7 +140,7 @@ def run_serve(args: argparse.Namespace) -> int:
         convert_retries=args.convert_retries,
         retry_backoff=args.retry_backoff,
         convert_timeout=args.convert_timeout,
-        platforms=args.platform or [host_platform()],
+        platforms=args.platform or [str(host_platform())],
         max_manifest_bytes=args.max_manifest_size,
     )
     asyncio.run(serve(config))

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import platform as host
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from layerstore.errors import LiftoffError
+from layerstore.oci.mediatypes import MAX_MANIFEST_BYTES
+from layerstore.oci.platform import host_platform
 
 DEFAULT_LISTEN = "127.0.0.1:5050"
 DEFAULT_CACHE_DIR = "/var/lib/liftoff/proxy"
 DEFAULT_CACHE_SIZE = "20G"
-MAX_MANIFEST_BYTES = 4 << 20  # containerd refuses larger manifests
 
 # A registry host as clients name it (containerd's `ns`): host[:port] or [v6]:port, lowercase.
 _HOST = re.compile(
     r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::\d{1,5})?$"
 )
-_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm/v7", "ppc64le": "ppc64le"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class ProxyConfig:
     convert_retries: int = 5
     retry_backoff: float = 10.0
     convert_timeout: float = 3600.0
-    platforms: list[str] = field(default_factory=lambda: [host_platform()])
+    platforms: list[str] = field(default_factory=lambda: [str(host_platform())])
     max_manifest_bytes: int = MAX_MANIFEST_BYTES
 
     def upstream(self, name: str) -> Upstream | None:
@@ -67,12 +66,6 @@ class ProxyConfig:
         found = self.upstream(self.default_upstream) if self.default_upstream else self.upstreams[0]
         assert found is not None
         return found
-
-
-def host_platform() -> str:
-    """This machine's platform as an image index names it (linux/amd64, linux/arm64, ...)."""
-    machine = host.machine().lower()
-    return f"linux/{_ARCH.get(machine, machine)}"
 
 
 def parse_upstreams(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -11,6 +10,8 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from layerstore.errors import FormatError
+from layerstore.jsondoc import load_json
 from registry_proxy import sending
 from registry_proxy.auth import identity_of
 from registry_proxy.errors import ProxyError, StreamBroken, bad_gateway
@@ -218,9 +219,9 @@ class V2Handler:
                 f"upstream {client.name} sent more than {MAX_TAGS_BODY} bytes of tags for {route.repository}; page with ?n="
             )
         try:
-            json.loads(body)
-        except ValueError:
-            raise bad_gateway(f"upstream {client.name} sent a tag list for {route.repository} that is not JSON") from None
+            load_json(body, f"the tag list of {route.repository} from upstream {client.name}")
+        except FormatError as e:
+            raise bad_gateway(str(e)) from None
         headers = {**API_VERSION, "Content-Type": "application/json"}
         link = response.headers.get("Link")
         if link and link.startswith("</v2/") and "ns" in request.query:

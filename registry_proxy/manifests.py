@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import sqlite3
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from layerstore.oci import mediatypes
+from layerstore.oci.manifest import sniff_media_type
 from registry_proxy.access import Access
 from registry_proxy.auth import identity_of
 from registry_proxy.errors import ProxyError, bad_gateway, gateway_timeout
@@ -28,8 +28,6 @@ from registry_proxy.routes import DIGEST
 from registry_proxy.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
-
-_GENERIC_TYPES = ("", "application/json", "text/plain", "application/octet-stream")
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,7 @@ class ManifestCache:
                 f"upstream {client.name} sent {what} with the wrong content (it hashes to {digest}); nothing was cached",
                 code="DIGEST_INVALID",
             )
-        media_type = _media_type(response.headers.get("Content-Type", ""), bytes(body))
+        media_type = sniff_media_type(bytes(body), response.headers.get("Content-Type", ""))
         self.db.execute("INSERT OR IGNORE INTO manifests VALUES (?, ?, ?, ?)", (digest, media_type, bytes(body), time.time()))
         self.access.link(client.name, repository, digest)
         if sep == ":":
@@ -175,21 +173,3 @@ class ManifestCache:
             "(containerd's); not served",
             code="MANIFEST_INVALID",
         )
-
-
-def _media_type(content_type: str, body: bytes) -> str:
-    declared = content_type.split(";", 1)[0].strip()
-    if declared not in _GENERIC_TYPES:
-        return declared
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return declared or "application/octet-stream"
-    found = doc.get("mediaType") if isinstance(doc, dict) else None
-    if isinstance(found, str) and found:
-        return found
-    if isinstance(doc, dict) and "manifests" in doc:
-        return mediatypes.OCI_INDEX
-    if isinstance(doc, dict) and "layers" in doc:
-        return mediatypes.OCI_MANIFEST
-    return declared or "application/octet-stream"

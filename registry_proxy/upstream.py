@@ -8,13 +8,14 @@ and never from https down to http.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+from layerstore.errors import FormatError
+from layerstore.jsondoc import load_json
 from registry_proxy.auth import UpstreamAuth, identity_of
 from registry_proxy.config import Upstream
 from registry_proxy.errors import ProxyError, bad_gateway, denied, gateway_timeout, unknown
@@ -161,10 +162,11 @@ async def _upstream_detail(response: aiohttp.ClientResponse) -> object:
     except (aiohttp.ClientError, TimeoutError):
         return None
     try:
-        errors = json.loads(body).get("errors")
-        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-            return {"upstream": {k: errors[0].get(k) for k in ("code", "message") if k in errors[0]}}
-    except (ValueError, AttributeError):
-        pass
+        doc = load_json(body, "upstream error")
+    except FormatError:
+        doc = None
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        return {"upstream": {k: errors[0].get(k) for k in ("code", "message") if k in errors[0]}}
     text = body[:200].decode(errors="replace").strip()
     return {"upstream": text} if text else None

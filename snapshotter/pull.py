@@ -20,19 +20,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 import urllib3
 
-from layerstore.digests import chain_ids, check_digest, sha256_digest
+from layerstore.digests import sha256_digest
 from layerstore.errors import ImageError, LiftoffError, RegistryError
 from layerstore.oci import mediatypes
+from layerstore.oci.manifest import (
+    Descriptor,
+    Index,
+    Manifest,
+    Node,
+    config_platform,
+    image_layers,
+    parse_config,
+    parse_document,
+    select_manifests,
+)
+from layerstore.oci.platform import host_platform, parse_platform, platform_text
 from layerstore.oci.source import RegistrySource, read_blob
 from layerstore.units import format_size
 from snapshotter.containerd_api import CHUNK, DEFAULT_ADDRESS, Code, ContainerdClient, ContainerdError, descriptor, unique_part
@@ -53,8 +64,6 @@ FETCH_WORKERS = 3  # containerd's default max_concurrent_downloads
 ADDRESS_ENV = "CONTAINERD_ADDRESS"  # what ctr reads for --address
 NAMESPACE_ENV = "CONTAINERD_NAMESPACE"  # what ctr and nerdctl read for --namespace
 PREPARE_TRIES = 3
-
-_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm/v7", "ppc64le": "ppc64le"}
 
 
 @dataclass
@@ -117,12 +126,6 @@ class PullResult:
         return asdict(self)
 
 
-def host_platform() -> str:
-    """This machine's platform as an index names it (linux/amd64, linux/arm64, ...)."""
-    machine = host.machine().lower()
-    return f"linux/{_ARCH.get(machine, machine)}"
-
-
 def pull(
     image: str,
     address: str,
@@ -136,7 +139,7 @@ def pull(
 ) -> PullResult:
     """Pull `image` into containerd at `address`; `on_layer(i, n, result)` is called as each layer is done."""
     started = time.monotonic()
-    wanted = platform or host_platform()
+    wanted = platform or str(host_platform())
     with ContainerdClient(address, namespace) as client:
         _check_snapshotter(client, snapshotter)
         source = RegistrySource(image, plain_http=plain_http, docker_config=docker_config)
@@ -199,124 +202,63 @@ def _cached(client: ContainerdClient, digest: str, limit: int) -> bytes | None:
 
 
 def resolve(source: RegistrySource, platform: str, cached: Callable[[str, int], bytes | None] | None = None) -> ResolvedImage:
-    """Fetch the manifest (through any index, picking `platform`) and the config; check the layer list.
+    """Fetch the manifest (through any indexes, picking `platform`) and the config; check the layer list.
 
     `cached(digest, limit)` may supply blobs by digest (child manifests, the config) without asking the registry.
     """
     cached = cached or (lambda digest, limit: None)
+    wanted = parse_platform(platform)
     name = str(source.ref)
     media_type, body, digest = source.resolve()
-    media_type, doc = mediatypes.parse_document(body, media_type, name)
-    metadata: list[Blob] = []
-    for _depth in range(4):
-        blob = Blob("index" if media_type in mediatypes.INDEXES else "manifest", media_type, digest, body)
-        metadata.append(blob)
-        if blob.kind == "manifest":
-            break
-        children = [m for m in doc["manifests"] if isinstance(m, dict)]
-        blob.labels = child_gc_labels(children)
-        child = select_platform(children, platform, f"{name}@{digest}")
-        digest = check_digest(child.get("digest", ""), "manifest digest")
-        known = cached(digest, mediatypes.MAX_MANIFEST_BYTES)
-        child_type, body = ("", known) if known is not None else source.manifest(digest)
-        media_type, doc = mediatypes.parse_document(body, child.get("mediaType") or child_type, f"{name}@{digest}")
-    else:
-        raise ImageError(f"{name}: indexes nested more than 3 deep")
-    manifest = metadata[-1]
-    what = f"{name}@{manifest.digest}"
-    config_desc = doc.get("config")
-    if not isinstance(config_desc, dict):
-        raise ImageError(f"{what}: manifest has no config descriptor")
-    config_digest = check_digest(config_desc.get("digest", ""), "config digest")
-    config_data = cached(config_digest, MAX_CONFIG_BYTES)
+    top = Node(digest, body, parse_document(body, media_type, name))
+
+    def fetch(child: Descriptor) -> tuple[str, bytes]:
+        known = cached(child.digest, mediatypes.MAX_MANIFEST_BYTES)
+        return ("", known) if known is not None else source.manifest(child.digest)
+
+    path = select_manifests(top, fetch, [wanted], name, first=True)[0]
+    metadata = [Blob("index", node.media_type, node.digest, node.body) for node in path[:-1]]
+    for blob, node in zip(metadata, path, strict=False):
+        assert isinstance(node.document, Index)
+        blob.labels = child_gc_labels(node.document.manifests)
+    leaf = path[-1]
+    manifest_doc = leaf.document
+    assert isinstance(manifest_doc, Manifest)
+    what = f"{name}@{leaf.digest}"
+    config_desc = manifest_doc.config
+    config_data = cached(config_desc.digest, MAX_CONFIG_BYTES)
     if config_data is None:
-        config_data = read_blob(source, config_digest, MAX_CONFIG_BYTES, "config")
-    config_type = str(config_desc.get("mediaType") or mediatypes.OCI_CONFIG)
-    layers = _layers(doc, config_data, what)
-    manifest.labels = child_gc_labels([config_desc, *doc["layers"]])
-    config = Blob("config", config_type, config_digest, config_data)
-    metadata.append(config)
-    chosen = platform if metadata[0].kind == "index" else _config_platform(config_data)
+        config_data = read_blob(source, config_desc.digest, MAX_CONFIG_BYTES, "config", size=config_desc.size)
+    parsed = parse_config(config_data, what)
+    layers = [
+        Layer(
+            x.descriptor.digest, x.descriptor.media_type, x.descriptor.size, x.diff_id, x.chain_id, dict(x.descriptor.annotations)
+        )
+        for x in image_layers(manifest_doc, parsed, what)
+    ]
+    manifest = Blob("manifest", leaf.media_type, leaf.digest, leaf.body, child_gc_labels([config_desc, *manifest_doc.layers]))
+    config = Blob("config", config_desc.media_type or mediatypes.OCI_CONFIG, config_desc.digest, config_data)
+    metadata += [manifest, config]
+    chosen = str(wanted) if metadata[0].kind == "index" else platform_text(config_platform(parsed))
     return ResolvedImage(name, metadata[0], metadata, manifest, config, chosen, layers)
 
 
-def _layers(doc: dict, config: bytes, what: str) -> list[Layer]:
-    try:
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError):
-        raise ImageError(f"{what}: the config is not an image config with rootfs.diff_ids") from None
-    descs = doc["layers"]
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(descs):
-        raise ImageError(f"{what}: the config lists {len(diff_ids)} diff_ids but the manifest has {len(descs)} layers")
-    layers = []
-    for i, (desc, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
-        if not isinstance(desc, dict):
-            raise ImageError(f"{what}: layer {i + 1} descriptor is not an object")
-        media_type = str(desc.get("mediaType", ""))
-        try:
-            mediatypes.layer_compression(media_type)
-        except ImageError as e:
-            raise ImageError(f"{what}: layer {i + 1}/{len(descs)}: {e}") from None
-        annotations = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
-        size = desc.get("size")
-        if not isinstance(size, int) or size < 0:
-            raise ImageError(f"{what}: layer {i + 1} has no valid size ({size!r})")
-        layers.append(
-            Layer(
-                check_digest(desc.get("digest", ""), f"layer {i + 1} digest"),
-                media_type,
-                size,
-                check_digest(diff_id, f"layer {i + 1} diff_id"),
-                "",
-                {str(k): str(v) for k, v in annotations.items()},
-            )
-        )
-    for layer, chain_id in zip(layers, chain_ids([layer.diff_id for layer in layers]), strict=True):
-        layer.chain_id = chain_id
-    return layers
-
-
-def _config_platform(config: bytes) -> str:
-    parsed = json.loads(config)
-    parts = [parsed.get("os"), parsed.get("architecture"), parsed.get("variant")]
-    return "/".join(str(p) for p in parts if p)
-
-
-def select_platform(children: list[dict], wanted: str, what: str) -> dict:
-    """The first manifest of an index for `wanted` ("os/arch[/variant]"; no variant matches any variant)."""
-    want = wanted.split("/")
-    if len(want) not in (2, 3):
-        raise LiftoffError(f"invalid platform {wanted!r}: expected os/arch or os/arch/variant")
-    for child in children:
-        p = child.get("platform") if isinstance(child.get("platform"), dict) else {}
-        have = [p.get("os", ""), p.get("architecture", ""), p.get("variant", "")]
-        if have[:2] == want[:2] and (len(want) == 2 or have[2] == want[2]):
-            return child
-    available = sorted({"/".join(v for v in _platform_parts(c) if v) for c in children}) or ["none"]
-    raise ImageError(f"{what}: no manifest for platform {wanted} (the index has {', '.join(available)}); pass --platform")
-
-
-def _platform_parts(child: dict) -> list[str]:
-    p = child.get("platform") if isinstance(child.get("platform"), dict) else {}
-    return [str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant", ""))]
-
-
-def child_gc_labels(children: list[dict]) -> dict[str, str]:
+def child_gc_labels(children: Sequence[Descriptor]) -> dict[str, str]:
     """The GC labels containerd puts on a manifest or index: one per child, keyed by the child's kind."""
     labels: dict[str, str] = {}
     counts: dict[str, int] = {}
     for child in children:
-        media_type = str(child.get("mediaType", ""))
+        media_type = child.media_type
         if media_type in (mediatypes.OCI_CONFIG, mediatypes.DOCKER_CONFIG) or media_type.endswith("config.v1+json"):
             key = GC_CONTENT + "config"
-        elif media_type in mediatypes.MANIFESTS:
+        elif media_type in mediatypes.MANIFESTS or media_type in mediatypes.INDEXES:
             key = GC_CONTENT + "m."
         elif media_type in mediatypes.LAYER_COMPRESSION:
             key = GC_CONTENT + "l."
         else:
             key = GC_CONTENT
         n = counts[key] = counts.get(key, -1) + 1
-        labels[f"{key}{n}" if n or key.endswith(".") else key] = str(child.get("digest", ""))
+        labels[f"{key}{n}" if n or key.endswith(".") else key] = child.digest
     return labels
 
 

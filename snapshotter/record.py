@@ -13,7 +13,6 @@ Without --address, a private containerd, snapshotter and FUSE daemon are started
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,8 @@ from layerstore.catalog import load_record, set_profile
 from layerstore.errors import LiftoffError, ObjectNotFound
 from layerstore.localservices import start_containerd, start_snapshotter
 from layerstore.oci.auth import DockerCredentials
+from layerstore.oci.manifest import Descriptor, Node, parse_document, select_manifests
+from layerstore.oci.platform import host_platform, parse_platform
 from layerstore.oci.reference import parse_reference
 from layerstore.oci.registry import RegistryClient
 from layerstore.records import ImageRecord
@@ -59,11 +60,14 @@ def _manifest_digest(image: str, plain_http: bool, docker_config: str | None, pl
     )
     try:
         media_type, body, digest = client.get_manifest(ref)
-        if "index" in media_type or "list" in media_type or b'"manifests"' in body[:4096]:
-            children = json.loads(body)["manifests"]
-            chosen = pulling.select_platform(children, platform or pulling.host_platform(), image)
-            digest = chosen["digest"]
-        return digest
+        top = Node(digest, body, parse_document(body, media_type, image))
+        wanted = parse_platform(platform) if platform else host_platform()
+
+        def fetch(child: Descriptor) -> tuple[str, bytes]:
+            child_type, child_body, _ = client.get_manifest(ref, child.digest)
+            return child_type, child_body
+
+        return select_manifests(top, fetch, [wanted], image, first=True)[0][-1].digest
     finally:
         client.close()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from layerstore.errors import ImageError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -44,31 +42,3 @@ def layer_compression(media_type: str) -> str:
         raise ImageError(
             f"unsupported layer media type {media_type!r}: liftoff converts tar, tar+gzip and tar+zstd layers"
         ) from None
-
-
-def parse_document(data: bytes, declared: str | None, what: str) -> tuple[str, dict]:
-    """Parse a manifest or index; returns (media type, document). Refuses schema 1 and unknown kinds."""
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ImageError(f"{what}: manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ImageError(f"{what}: manifest is not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ImageError(f"{what}: manifest is not a JSON object")
-    media_type = doc.get("mediaType") or declared or ""
-    if media_type in DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
-        raise ImageError(f"{what}: Docker schema 1 manifests are not supported; re-push the image with a current client")
-    if media_type not in MANIFESTS + INDEXES:
-        if "manifests" in doc:
-            media_type = OCI_INDEX
-        elif "layers" in doc and "config" in doc:
-            media_type = OCI_MANIFEST
-        else:
-            raise ImageError(f"{what}: unsupported manifest media type {media_type!r}")
-    if doc.get("schemaVersion") != 2:
-        raise ImageError(f"{what}: unsupported manifest schemaVersion {doc.get('schemaVersion')!r}")
-    key = "manifests" if media_type in INDEXES else "layers"
-    if not isinstance(doc.get(key), list):
-        raise ImageError(f"{what}: malformed manifest: '{key}' is missing or not a list")
-    return media_type, doc

@@ -7,10 +7,10 @@ Authorization header is not sent to another host, and https is never followed do
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 import threading
+from collections.abc import Callable
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
@@ -19,12 +19,24 @@ import urllib3
 
 from layerstore.digests import check_digest
 from layerstore.errors import ImageError, RegistryError
+from layerstore.jsondoc import load_json
 from layerstore.oci import mediatypes
-from layerstore.oci.auth import DockerCredentials
+from layerstore.oci.auth import (
+    BASIC_SECONDS,
+    CONFIGURED_IDENTITY,
+    TOKEN_ATTEMPTS,
+    TOKEN_BACKOFF,
+    DockerCredentials,
+    TokenCache,
+    basic_header,
+    parse_challenge,
+    pull_scope,
+    token_from_response,
+)
 from layerstore.oci.bounded import BoundedReader, fetch_deadline
 from layerstore.oci.reference import Reference
+from layerstore.retry import Backoff, retryable_status
 
-_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 MAX_REDIRECTS = 5
 
 
@@ -40,6 +52,7 @@ class RegistryClient:
         credentials: DockerCredentials | None = None,
         timeout: float = 60.0,
         fetch_timeout: float | None = None,
+        backoff: Backoff = TOKEN_BACKOFF,
     ) -> None:
         """`timeout`: seconds without a byte before a request fails; `fetch_timeout`: the whole-fetch deadline
         for manifests (default: scaled from the size, layerstore.oci.bounded)."""
@@ -52,7 +65,8 @@ class RegistryClient:
         self.fetch_timeout = fetch_timeout
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
-        self._auth: dict[str, str] = {}  # scope -> Authorization header value
+        self.backoff = backoff
+        self._tokens = TokenCache()
 
     @property
     def session(self) -> requests.Session:
@@ -71,19 +85,35 @@ class RegistryClient:
     def _request(
         self, method: str, path: str, repository: str, headers: dict[str, str], stream: bool, what: str
     ) -> requests.Response:
-        scope = f"repository:{repository}:pull"
+        """A response to METHOD PATH, answering one 401 challenge; transient failures are retried (_retrying)."""
+        scope = pull_scope(repository)
         url = self.base + path
         for attempt in range(2):
             sent = dict(headers)
-            if scope in self._auth:
-                sent["Authorization"] = self._auth[scope]
-            response = self._send(method, url, sent, stream, what)
+            header = self._tokens.get(CONFIGURED_IDENTITY, scope)
+            if header:
+                sent["Authorization"] = header
+            response = self._retrying(lambda sent=sent: self._send(method, url, sent, stream, what))
             if response.status_code != 401 or attempt == 1:
                 return response
             challenge = response.headers.get("WWW-Authenticate", "")
             response.close()
-            self._auth[scope] = self._authorize(challenge, scope)
+            self._tokens.put(CONFIGURED_IDENTITY, scope, *self._authorize(challenge, scope))
         raise AssertionError("unreachable")
+
+    def _retrying(self, send: Callable[[], requests.Response]) -> requests.Response:
+        """send(), again after a backoff pause while it cannot connect or answers 408/429/5xx (TOKEN_ATTEMPTS in all)."""
+        pauses = self.backoff.pauses(TOKEN_ATTEMPTS)
+        while True:
+            try:
+                response = send()
+            except _Transient:
+                if next(pauses, None) is None:
+                    raise
+                continue
+            if not retryable_status(response.status_code) or next(pauses, None) is None:
+                return response
+            response.close()
 
     def _send(self, method: str, url: str, headers: dict[str, str], stream: bool, what: str) -> requests.Response:
         """One request, following redirects itself: an error names the host that failed."""
@@ -105,9 +135,9 @@ class RegistryClient:
                 ) from None
             except requests.exceptions.RequestException as e:
                 if via:
-                    raise RegistryError(f"{host} is unreachable: {_short(e)}{via}") from None
+                    raise _Transient(f"{host} is unreachable: {_short(e)}{via}") from None
                 hint = "" if self.plain_http else " (for a plain-HTTP registry pass --plain-http)"
-                raise RegistryError(f"registry {self.registry} is unreachable: {_short(e)}{hint}") from None
+                raise _Transient(f"registry {self.registry} is unreachable: {_short(e)}{hint}") from None
             if not response.is_redirect:
                 return response
             target = urljoin(url, response.headers["Location"])
@@ -120,39 +150,43 @@ class RegistryClient:
             url = target
         raise RegistryError(f"registry {self.registry} redirected {what} more than {MAX_REDIRECTS} times")
 
-    def _authorize(self, challenge: str, scope: str) -> str:
-        scheme = challenge.split(" ", 1)[0].lower()
+    def _authorize(self, header: str, scope: str) -> tuple[str, float]:
+        """(Authorization header, lifetime) answering a 401's challenge: Basic credentials, or a bearer token."""
+        challenge = parse_challenge(header)
         creds = self.credentials.lookup(self.registry)
-        if scheme == "basic":
+        if challenge is not None and challenge.scheme == "basic":
             if not creds:
                 raise RegistryError(
                     f"401 Unauthorized from {self.registry}: it needs credentials; "
                     f"run docker login {self.registry} or add them to {self.credentials.path}"
                 )
-            return _basic(*creds)
-        if scheme != "bearer":
-            raise RegistryError(f"401 Unauthorized from {self.registry} with an unsupported challenge {challenge!r}")
-        params = dict(_CHALLENGE_PARAM.findall(challenge))
-        realm = params.get("realm")
-        if not realm:
-            raise RegistryError(f"401 from {self.registry}: bearer challenge without a realm")
-        query = {"scope": params.get("scope", scope)}
-        if "service" in params:
-            query["service"] = params["service"]
-        try:
-            response = self.session.get(realm, params=query, auth=creds, timeout=self.timeout)
-        except requests.exceptions.RequestException as e:
-            raise RegistryError(f"token service {realm} for {self.registry} is unreachable: {_short(e)}") from None
-        if response.status_code != 200:
-            raise RegistryError(
-                f"token service {realm} refused access to {scope} ({response.status_code}); check credentials for {self.registry}"
-            )
-        try:
-            body = response.json()
-            token = body.get("token") or body["access_token"]
-        except (ValueError, KeyError):
-            raise RegistryError(f"token service {realm} returned no token") from None
-        return f"Bearer {token}"
+            return basic_header(*creds), BASIC_SECONDS
+        if challenge is None or challenge.scheme != "bearer":
+            raise RegistryError(f"401 Unauthorized from {self.registry} with an unsupported challenge {header[:100]!r}")
+        realm = challenge.realm
+        if not realm.startswith(("https://", "http://")):
+            raise RegistryError(f"401 from {self.registry}: bearer challenge without a usable realm ({realm[:100]!r})")
+
+        def get() -> requests.Response:
+            query = challenge.token_query(scope)
+            try:
+                return self.session.get(realm, params=query, auth=creds, timeout=self.timeout)
+            except requests.exceptions.RequestException as e:
+                raise _Transient(f"token service {realm} for {self.registry} is unreachable: {_short(e)}") from None
+
+        with self._retrying(get) as response:
+            if response.status_code != 200:
+                raise RegistryError(
+                    f"token service {realm} refused access to {scope} ({response.status_code}); "
+                    f"check credentials for {self.registry}"
+                )
+            try:
+                found = token_from_response(load_json(response.content, f"token service {realm}", RegistryError))
+            except requests.exceptions.RequestException as e:
+                raise RegistryError(f"token service {realm} for {self.registry} broke off: {_short(e)}") from None
+        if found is None:
+            raise RegistryError(f"token service {realm} returned no token")
+        return found
 
     def _error(self, response: requests.Response, what: str) -> RegistryError:
         detail = ""
@@ -235,8 +269,8 @@ class RegistryClient:
             raise RegistryError(f"{what}: reading it from {self.registry} failed: {_short(e)}") from None
 
 
-def _basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+class _Transient(RegistryError):
+    """A request that got no answer (refused, reset, timed out): worth another try."""
 
 
 def _short(error: Exception) -> str:

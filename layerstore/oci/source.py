@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -13,6 +12,7 @@ from layerstore.errors import ImageError, LiftoffError
 from layerstore.oci import mediatypes
 from layerstore.oci.auth import DockerCredentials
 from layerstore.oci.bounded import BoundedReader, fetch_deadline
+from layerstore.oci.manifest import Index, parse_document
 from layerstore.oci.reference import Reference, parse_reference
 from layerstore.oci.registry import RegistryClient
 from layerstore.records import layout_reference
@@ -120,26 +120,29 @@ class LayoutSource:
         return self.root / "blobs" / "sha256" / hex_of(check_digest(digest))
 
     def resolve(self) -> tuple[str, bytes, str]:
-        try:
-            index = json.loads(_read_capped(self.root / "index.json", mediatypes.MAX_MANIFEST_BYTES, f"{self.name}: index.json"))
-            manifests = index["manifests"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ImageError(f"{self.name}: malformed index.json ({e})") from None
+        data = _read_capped(self.root / "index.json", mediatypes.MAX_MANIFEST_BYTES, f"{self.name}: index.json")
+        index = parse_document(data, mediatypes.OCI_INDEX, f"{self.name}: index.json")
+        if not isinstance(index, Index):
+            raise ImageError(f"{self.name}: index.json is not an image index")
+        manifests = index.manifests
         if self.tag is not None:
-            chosen = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME_ANNOTATION) == self.tag]
+            chosen = [m for m in manifests if m.annotations.get(REF_NAME_ANNOTATION) == self.tag]
             if not chosen:
                 raise ImageError(f"{self.name}: no image tagged {self.tag!r} in {self.root}/index.json")
         elif len(manifests) == 1:
-            chosen = manifests
+            chosen = list(manifests)
         else:
-            tags = sorted((m.get("annotations") or {}).get(REF_NAME_ANNOTATION, "?") for m in manifests)
+            tags = sorted(m.annotations.get(REF_NAME_ANNOTATION, "?") for m in manifests)
             raise ImageError(
                 f"{self.name}: the layout holds {len(manifests)} images; name one as oci:DIR:TAG ({', '.join(tags)})"
             )
         descriptor = chosen[0]
-        digest = check_digest(descriptor.get("digest", ""), "manifest digest")
-        media_type, body = self.manifest(digest)
-        return descriptor.get("mediaType") or media_type, body, digest
+        media_type, body = self.manifest(descriptor.digest)
+        if len(body) != descriptor.size:
+            raise ImageError(
+                f"{self.name}: manifest blob {descriptor.digest} is {len(body)} bytes, index.json says {descriptor.size}"
+            )
+        return descriptor.media_type or media_type, body, descriptor.digest
 
     def manifest(self, digest: str) -> tuple[str, bytes]:
         try:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from layerstore.errors import LiftoffError
+from layerstore.oci.platform import parse_platforms, platform_from_json
 from layerstore.units import parse_size
 from registry_proxy.blobcache import BlobCache
 from registry_proxy.config import ProxyConfig, parse_listen, parse_upstreams
@@ -115,11 +116,15 @@ def test_options():
 
 
 def test_platform_choice():
+    def want(platform: dict, platforms: list[str]) -> bool:
+        return wanted(platform_from_json(platform, "test"), parse_platforms(platforms))
+
     amd64, arm64v8 = {"os": "linux", "architecture": "amd64"}, {"os": "linux", "architecture": "arm64", "variant": "v8"}
-    assert wanted(amd64, ["linux/amd64"]) and not wanted(arm64v8, ["linux/amd64"])
-    assert wanted(arm64v8, ["linux/arm64"]) and wanted(arm64v8, ["linux/arm64/v8"]) and not wanted(arm64v8, ["linux/arm64/v7"])
-    assert not wanted({"os": "unknown", "architecture": "unknown"}, [])  # attestations
-    assert wanted(arm64v8, [])
+    assert want(amd64, ["linux/amd64"]) and not want(arm64v8, ["linux/amd64"])
+    assert want(arm64v8, ["linux/arm64"]) and want(arm64v8, ["linux/arm64/v8"]) and not want(arm64v8, ["linux/arm64/v7"])
+    assert want({"os": "linux", "architecture": "x86_64"}, ["linux/amd64"])  # containerd's normalisation
+    assert not want({"os": "unknown", "architecture": "unknown"}, [])  # attestations
+    assert want(arm64v8, [])
 
 
 def test_queue_state_machine():
