@@ -5,25 +5,44 @@ from __future__ import annotations
 
 import uuid
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 
+from layerstore.pb.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.containerd_api import GC_EXPIRE_LABEL, LEASE_HEADER
 from tests.snapshotter.helpers import mounted, tree
 
 REF = "containerd.io/snapshot.ref"
 
 
 class Snapshots:
-    """containerd's Snapshots API (through containerd's socket) for one snapshotter and namespace."""
+    """containerd's Snapshots API (through containerd's socket) for one snapshotter and namespace.
+
+    Everything created through it is held by a lease, as containerd's own clients hold what they
+    create: containerd's garbage collector removes snapshots nothing references, and it may run at
+    any moment (it did between a handshake and the Prepare on top of it, on a busy machine). The
+    lease is deleted by close(), and expires on its own an hour later if close() never runs."""
 
     def __init__(self, address: str, snapshotter: str, namespace: str = "default") -> None:
         self.channel = grpc.insecure_channel(f"unix:{address}")
         self.stub = pb_grpc.SnapshotsStub(self.channel)
+        self.leases = leases_pb2_grpc.LeasesStub(self.channel)
         self.snapshotter = snapshotter
-        self.md = [("containerd-namespace", namespace)]
+        self.namespace_md = [("containerd-namespace", namespace)]
+        until = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        request = leases_pb2.CreateRequest(id=f"test-{uuid.uuid4().hex}", labels={GC_EXPIRE_LABEL: until})
+        self.lease = self.leases.Create(request, metadata=self.namespace_md, timeout=30).lease.id
+        self.md = [*self.namespace_md, (LEASE_HEADER, self.lease)]
+
+    def __enter__(self) -> Snapshots:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def prepare(self, key: str, parent: str = "", labels: dict | None = None):
         request = pb.PrepareSnapshotRequest(snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {})
@@ -36,7 +55,11 @@ class Snapshots:
         self.stub.Remove(pb.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key), metadata=self.md, timeout=60)
 
     def close(self) -> None:
-        self.channel.close()
+        """Delete the lease (what it held is then garbage unless something else refers to it)."""
+        try:
+            self.leases.Delete(leases_pb2.DeleteRequest(id=self.lease), metadata=self.namespace_md, timeout=30)
+        finally:
+            self.channel.close()
 
 
 def handshake(api: Snapshots, chain_ids: list[str], layer_digests: list[str] | None = None) -> list[grpc.StatusCode]:
@@ -59,7 +82,7 @@ def handshake(api: Snapshots, chain_ids: list[str], layer_digests: list[str] | N
 def mounted_chain(api: Snapshots, top: str, target: Path):
     """An active snapshot on `top`, mounted at `target` (removed afterwards)."""
     key = f"inspect-{uuid.uuid4().hex[:8]}"
-    mounts = api.prepare(key, top, {"containerd.io/gc.root": "test"})  # else containerd's GC may take it
+    mounts = api.prepare(key, top)  # held by the api's lease
     try:
         with mounted(mounts, target) as path:
             yield path
