@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 # HTTP statuses worth another try: timeouts, throttling and server-side failures.
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Attempts of one request that may get no answer within its timeout before it fails: a stall costs a whole
+# timeout, so a server that accepts connections and never answers fails in about STALL_ATTEMPTS timeouts.
+STALL_ATTEMPTS = 3
 
 
 def retryable_status(status: int) -> bool:
@@ -34,8 +37,11 @@ class Backoff:
 
     def pauses(self, attempts: int | None = None, budget: float | None = None) -> Iterator[float]:
         """Sleep before each retry and yield its number (1, 2, ...); stop after `attempts` tries in all
-        or when the next pause would end past `budget` seconds from the first call."""
+        or when the next pause would end past `budget` seconds from this call (not from the first retry)."""
         deadline = None if budget is None else time.monotonic() + budget
+        return self._pauses(attempts, deadline)
+
+    def _pauses(self, attempts: int | None, deadline: float | None) -> Iterator[float]:
         failures = 0
         while attempts is None or failures + 1 < attempts:
             failures += 1

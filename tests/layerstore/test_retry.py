@@ -28,3 +28,10 @@ def test_budget_bounds_the_time():
 def test_statuses():
     assert retryable_status(429) and retryable_status(503)
     assert not retryable_status(404) and not retryable_status(401)
+
+
+def test_budget_counts_from_the_call_not_from_the_first_retry():
+    """A caller that makes its first attempt after asking for the pauses must not get a longer budget."""
+    pauses = Backoff(base=0.01, cap=0.01).pauses(budget=0.1)
+    time.sleep(0.15)  # the first attempt took longer than the whole budget
+    assert list(pauses) == []
