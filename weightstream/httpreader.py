@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import random
 import re
 import socket
 import ssl
@@ -19,17 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from layerstore.retry import STALL_ATTEMPTS, Backoff, retryable_status
 from weightstream.errors import CheckpointNotFound, FetchError
 from weightstream.options import StreamOptions
 
 log = logging.getLogger(__name__)
 
 PIECE = 4 << 20  # bytes per readinto call: the unit of progress a retry resumes from
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-# Attempts of one request that may get no answer for stall_timeout (or connect_timeout) before it fails: a
-# stall costs a whole timeout, so a server that accepts connections and never answers fails in about
-# STALL_ATTEMPTS x stall_timeout, not max_retries times that. Progress starts the count again.
-STALL_ATTEMPTS = 3
+# A range fails after STALL_ATTEMPTS attempts in a row that got no byte within stall_timeout (progress resets the
+# count), or after max_retries failed attempts without progress; the pauses between them: layerstore.retry.Backoff.
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -63,11 +60,6 @@ class ObjectRef:
 UrlResolver = Callable[[ObjectRef, bool], str]  # (object, refresh) -> URL (presigned or plain)
 
 
-def backoff_delay(options: StreamOptions, failures: int) -> float:
-    """Exponential backoff with jitter before retry number `failures` (1, 2, ...)."""
-    return min(options.backoff_max, options.backoff_base * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
-
-
 def _s3_error_code(body: bytes) -> str:
     match = re.search(rb"<Code>([^<]+)</Code>", body)
     return match.group(1).decode(errors="replace") if match else ""
@@ -79,6 +71,7 @@ class HttpRangeReader:
     def __init__(self, resolve: UrlResolver, options: StreamOptions) -> None:
         self._resolve = resolve
         self._options = options
+        self._backoff = Backoff(options.backoff_base, options.backoff_max)
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -181,7 +174,7 @@ class HttpRangeReader:
         self._drop(*key)
         code = _s3_error_code(body)
         detail = f"HTTP {status}{' ' + code if code else ''}"
-        if status in RETRY_STATUS:
+        if retryable_status(status):
             raise _Retryable(detail)
         if status == 404:
             raise CheckpointNotFound(f"{obj.name} not found ({detail}): check the URL")
@@ -251,7 +244,7 @@ class HttpRangeReader:
                 )
             with self._lock:
                 self.retries += 1
-            delay = backoff_delay(self._options, failures)
+            delay = self._backoff.delay(failures)
             log.info("%s: %s: %s; retrying in %.2fs", obj.name, what, last_error, delay)
             if abort.wait(delay):
                 raise Aborted()

@@ -11,21 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
+from layerstore import s3url
+from layerstore.retry import STALL_ATTEMPTS, Backoff
 from weightstream.errors import CheckpointNotFound, FetchError
-from weightstream.httpreader import RETRY_STATUS, STALL_ATTEMPTS, HttpRangeReader, ObjectRef, backoff_delay
+from weightstream.httpreader import HttpRangeReader, ObjectRef
 from weightstream.localreader import LocalRangeReader
 from weightstream.options import StreamOptions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_TRUE = {"1", "true", "yes", "on"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}  # S3 error codes (a HEAD has no body: its code is the status)
 SMALL_LIMIT = 100_000_000  # index and manifest files are read whole; refuse anything absurd
 PRESIGN_SECONDS = 3600
@@ -104,7 +104,11 @@ class LocalLocation(Location):
 
 
 class S3Location(Location):
-    """s3://bucket/prefix/: boto3 for listing, small reads and presigning; ranged GETs through HttpRangeReader."""
+    """s3://bucket/prefix/: boto3 for listing, small reads and presigning; ranged GETs through HttpRangeReader.
+
+    Every boto3 call follows the one S3 retry policy (`layerstore/s3url.py`) with the stream's settings:
+    max_retries + 1 attempts, stall_timeout as the read timeout, backoff_base/backoff_max.
+    """
 
     def __init__(
         self,
@@ -114,82 +118,48 @@ class S3Location(Location):
         region: str | None = None,
         path_style: bool | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(query) - {"endpoint_url", "region", "path_style"}
-        if unknown:
-            raise ValueError(f"{url!r}: unknown option(s) {', '.join(sorted(unknown))} (known: endpoint_url, region, path_style)")
-        if not parts.netloc:
-            raise ValueError(f"{url!r} has no bucket: use s3://bucket/prefix/")
-        self.bucket = parts.netloc
-        key = parts.path.lstrip("/")
-        if key.endswith((".safetensors", ".json")):
-            self.prefix, _, self.explicit = key.rpartition("/")
+        self.location = s3url.parse(url, endpoint_url=endpoint_url, region=region, path_style=path_style)
+        self.bucket = self.location.bucket
+        if self.location.key.endswith((".safetensors", ".json")):
+            self.prefix, _, self.explicit = self.location.key.rpartition("/")
             self.prefix = self.prefix + "/" if self.prefix else ""
         else:
-            self.prefix, self.explicit = (key.rstrip("/") + "/" if key.strip("/") else ""), None
+            self.prefix, self.explicit = self.location.prefix, None
         self.url = f"s3://{self.bucket}/{self.prefix}"
-        self._endpoint = query.get("endpoint_url") or endpoint_url
-        self._region = query.get("region") or region
-        style = query.get("path_style")
-        self._path_style = (style.lower() in _TRUE) if style is not None else bool(path_style)
+        self._region = self.location.region
         self._options = options
+        self._backoff = Backoff(options.backoff_base, options.backoff_max)
         self.client = self._client(self._region)
         self._urls: dict[str, str] = {}
         self._lock = threading.Lock()
         self.reader = HttpRangeReader(self._presign, options)
 
     def _client(self, region: str | None):
-        import boto3
-        import botocore
-        import botocore.config
-
-        session = boto3.session.Session(region_name=region)
-        # One attempt per call, under the stream's timeouts: _call() retries above it with the ranged reads' policy.
-        config = botocore.config.Config(
-            s3={"addressing_style": "path" if self._path_style else "auto"},
-            retries={"total_max_attempts": 1, "mode": "standard"},
+        return s3url.make_client(
+            self.location,
+            region=region,
             connect_timeout=self._options.connect_timeout,
             read_timeout=self._options.stall_timeout,
+            unsigned_without_credentials=True,  # no credentials anywhere: a public bucket, unsigned URLs
         )
-        if session.get_credentials() is None:  # no credentials anywhere: a public bucket, unsigned URLs
-            config = config.merge(botocore.config.Config(signature_version=botocore.UNSIGNED))
-        return session.client("s3", endpoint_url=self._endpoint, config=config)
 
     def _call(self, action: str, name: str, call: Callable[[], T]) -> T:
-        """call() with the ranged reads' retry policy: a 5xx or a broken connection is retried with backoff
-        (max_retries), a call that gets no answer for stall_timeout at most STALL_ATTEMPTS times in all."""
+        """call() under the S3 retry policy (max_retries retries, at most STALL_ATTEMPTS stalls); a failure
+        becomes a FetchError (CheckpointNotFound if absent)."""
         import botocore.exceptions
 
-        failures = stalls = 0
-        while True:
-            try:
-                return call()
-            except (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError) as e:
-                stalls += 1
-                if stalls >= STALL_ATTEMPTS:
-                    raise self._fail(action, name, e) from None
-                error: Exception = e
-            except botocore.exceptions.ClientError as e:
-                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in RETRY_STATUS:
-                    raise self._fail(action, name, e) from None
-                error = e
-            except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError) as e:
-                error = e
-            except botocore.exceptions.BotoCoreError as e:
-                raise self._fail(action, name, e) from None
-            failures += 1
-            if failures > self._options.max_retries:
-                raise self._fail(action, name, error) from None
-            delay = backoff_delay(self._options, failures)
-            log.info("%s%s: %s: %s; retrying in %.2fs", self.url, name, action, error, delay)
-            time.sleep(delay)
+        try:
+            return s3url.call(
+                call, what=f"{action} {self.url}{name}", attempts=self._options.max_retries + 1, backoff=self._backoff
+            )
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._fail(action, name, e) from None
 
     def _fail(self, action: str, name: str, error: Exception) -> FetchError:
         import botocore.exceptions
 
         if isinstance(error, botocore.exceptions.ClientError):
-            code = error.response.get("Error", {}).get("Code", "")
+            code = s3url.error_code(error)
             if code in _MISSING_KEY:
                 return CheckpointNotFound(f"{self.url}{name} not found")
             if code == "NoSuchBucket":
@@ -199,7 +169,7 @@ class S3Location(Location):
             return FetchError(f"cannot {action} {self.url}{name}: {code} {error}")
         if isinstance(error, botocore.exceptions.NoCredentialsError):
             return FetchError(f"no AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
-        if isinstance(error, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+        if s3url.is_stall(error):
             return FetchError(
                 f"cannot {action} {self.url}{name}: endpoint {self.client.meta.endpoint_url} did not answer within "
                 f"{self._options.stall_timeout:g} s, {STALL_ATTEMPTS} times: check the endpoint and the network"
@@ -220,16 +190,18 @@ class S3Location(Location):
         return ObjectRef(self.url + name, self.prefix + name)
 
     def names(self) -> list[str]:
-        def listing() -> list[str]:
-            names: list[str] = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
-            ):
-                self._learn_region(page)
-                names += [item["Key"][len(self.prefix) :] for item in page.get("Contents", [])]
-            return names
-
-        return sorted(n for n in self._call("list", "", listing) if n and "/" not in n)
+        names: list[str] = []
+        pages = s3url.list_pages(
+            lambda **request: self.client.list_objects_v2(**request),  # self.client changes if the region is learned
+            lambda request: self._call("list", "", request),
+            Bucket=self.bucket,
+            Prefix=self.prefix,
+            Delimiter="/",
+        )
+        for page in pages:
+            self._learn_region(page)
+            names += [item["Key"][len(self.prefix) :] for item in page.get("Contents", [])]
+        return sorted(n for n in names if n and "/" not in n)
 
     def exists(self, name: str) -> bool:
         try:
@@ -244,7 +216,7 @@ class S3Location(Location):
     def _learn_region(self, response: dict) -> None:
         """Presigned URLs must be signed for the bucket's own region: take it from the response."""
         region = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
-        if region and self._region is None and region != self.client.meta.region_name and self._endpoint is None:
+        if region and self._region is None and region != self.client.meta.region_name and self.location.endpoint_url is None:
             self._region = region
             self.client = self._client(region)
 

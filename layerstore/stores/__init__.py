@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from layerstore.errors import StoreError
 from layerstore.stores.base import Store
@@ -11,8 +11,6 @@ from layerstore.stores.chain import StoreChain
 from layerstore.stores.file import FileStore
 
 __all__ = ["FileStore", "Store", "StoreChain", "open_store", "open_stores"]
-
-_TRUE = {"1", "true", "yes", "on"}
 
 
 def open_store(
@@ -37,20 +35,10 @@ def open_store(
             raise StoreError(f"store URL {url!r} has no path")
         return FileStore(os.path.abspath(path))
     if parts.scheme == "s3":
+        from layerstore import s3url
         from layerstore.stores.s3 import S3Store
 
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(query) - {"endpoint_url", "region", "path_style"}
-        if unknown:
-            raise StoreError(f"store URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}")
-        style = query.get("path_style")
-        return S3Store(
-            parts.netloc,
-            parts.path,
-            endpoint_url=query.get("endpoint_url") or endpoint_url,
-            region=query.get("region") or region,
-            path_style=(style.lower() in _TRUE) if style is not None else bool(path_style),
-        )
+        return S3Store(s3url.parse(url, endpoint_url=endpoint_url, region=region, path_style=path_style))
     raise StoreError(f"unsupported store URL {url!r}: use file:///path or s3://bucket/prefix")
 
 

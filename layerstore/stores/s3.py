@@ -2,85 +2,78 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-import boto3
-import botocore.config
 import botocore.exceptions
 
+from layerstore import s3url
 from layerstore.errors import ObjectNotFound, StoreError
+from layerstore.s3url import S3Location
 from layerstore.stores.base import Bytes, Store, parallel_sizes
 
-_NETWORK_ERRORS = (
-    botocore.exceptions.EndpointConnectionError,
-    botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ConnectTimeoutError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ResponseStreamingError,
-)
+T = TypeVar("T")
+_BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
 class S3Store(Store):
     """Objects under s3://bucket/prefix/; a PUT is atomic, so no temp objects are needed.
 
     Endpoint, region and credentials come from the standard AWS configuration
-    (environment, ~/.aws/config, instance roles), overridable per store.
+    (environment, ~/.aws/config, instance roles), overridable per store. Retries follow
+    the one S3 policy (`layerstore/s3url.py`): botocore makes one attempt, this store retries.
     """
 
     remote = True
 
     def __init__(
         self,
-        bucket: str,
-        prefix: str = "",
+        location: S3Location,
         *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        path_style: bool = False,
         max_connections: int = 32,
         attempts: int = 6,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
     ) -> None:
-        """attempts: tries per call, botocore's retries included (1 for a caller that retries itself);
+        """attempts: tries per call (1 for a caller that retries itself);
         read_timeout: seconds without a byte from the server before an attempt fails."""
-        if not bucket:
-            raise StoreError("s3 store URL has no bucket: use s3://bucket[/prefix]")
-        self.bucket = bucket
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.url = f"s3://{bucket}/{self.prefix}"
-        self.endpoint_url = endpoint_url
-        self._settings = {"region": region, "path_style": path_style, "max_connections": max_connections}
+        self.location = location
+        self.bucket = location.bucket
+        self.prefix = location.prefix
+        self.url = location.url
+        self.attempts = attempts
         self.read_timeout = read_timeout
-        config = botocore.config.Config(
-            max_pool_connections=max_connections,
-            retries={"total_max_attempts": attempts, "mode": "standard"},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            s3={"addressing_style": "path" if path_style else "auto"},
+        self._max_connections = max_connections
+        self.client = s3url.make_client(
+            location, connect_timeout=connect_timeout, read_timeout=read_timeout, max_connections=max_connections
         )
-        session = boto3.session.Session(region_name=region)
-        self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
-        self._where = f"{self.url} (endpoint {self.client.meta.endpoint_url})"
+        self.endpoint_url = self.client.meta.endpoint_url
+        self._where = f"{self.url} (endpoint {self.endpoint_url})"
         self._pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3store")
 
     def single_attempt(self, timeout: float) -> S3Store:
-        """This store for a caller that retries itself: one request per call (no botocore retries beneath
+        """This store for a caller that retries itself: one request per call (no retries beneath
         the caller's), each failing after `timeout` s without an answer."""
         return S3Store(
-            self.bucket,
-            self.prefix,
-            endpoint_url=self.endpoint_url,
+            self.location,
+            max_connections=self._max_connections,
             attempts=1,
             connect_timeout=min(10.0, timeout),
             read_timeout=timeout,
-            **self._settings,  # type: ignore[arg-type]
         )
+
+    def _call(self, action: str, key: str, fn: Callable[[], T]) -> T:
+        """fn() under the S3 retry policy; a failure becomes a StoreError (ObjectNotFound if absent)."""
+        try:
+            return s3url.call(fn, what=f"{action} {key} in {self._where}", attempts=self.attempts)
+        except _BOTO_ERRORS as e:
+            raise self._fail(action, key, e) from None
 
     def _fail(self, action: str, key: str, e: Exception) -> StoreError:
         if isinstance(e, botocore.exceptions.ClientError):
-            code = e.response.get("Error", {}).get("Code", "")
+            code = s3url.error_code(e)
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectNotFound(f"{key} not found in {self._where}")
@@ -96,40 +89,33 @@ class S3Store(Store):
                 f"store {self._where} did not answer within {self.read_timeout:g} s ({action} {key}): "
                 "check the endpoint and the network"
             )
-        if isinstance(e, _NETWORK_ERRORS):
+        if s3url.retryable(e):  # refused, reset or broken connections
             return StoreError(f"store {self._where} is unreachable ({action} {key}): {e}")
         return StoreError(f"cannot {action} {key} in {self._where}: {e}")
 
+    def _key(self, key: str) -> dict[str, str]:
+        return {"Bucket": self.bucket, "Key": self.prefix + key}
+
     def get(self, key: str) -> bytes:
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
-            return response["Body"].read()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise self._fail("read", key, e) from None
+        return self._call("read", key, lambda: self.client.get_object(**self._key(key))["Body"].read())
 
     def put(self, key: str, data: Bytes) -> None:
+        body = bytes(data)
+        self._call("write", key, lambda: self.client.put_object(**self._key(key), Body=body))
+
+    def _head(self, key: str) -> dict | None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=bytes(data))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise self._fail("write", key, e) from None
+            return self._call("stat", key, lambda: self.client.head_object(**self._key(key)))
+        except ObjectNotFound:
+            return None
 
     def size(self, key: str) -> int | None:
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)["ContentLength"]
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            error = self._fail("stat", key, e)
-            if isinstance(error, ObjectNotFound):
-                return None
-            raise error from None
+        head = self._head(key)
+        return None if head is None else head["ContentLength"]
 
     def modified(self, key: str) -> float | None:
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)["LastModified"].timestamp()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            error = self._fail("stat", key, e)
-            if isinstance(error, ObjectNotFound):
-                return None
-            raise error from None
+        head = self._head(key)
+        return None if head is None else head["LastModified"].timestamp()
 
     def sizes(self, keys: Iterable[str]) -> dict[str, int | None]:
         return parallel_sizes(self, keys, self._pool)
@@ -138,24 +124,24 @@ class S3Store(Store):
         return (key for key, _ in self.list_sized(prefix))
 
     def list_sized(self, prefix: str) -> Iterator[tuple[str, int]]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                for item in page.get("Contents", []):
-                    yield item["Key"][len(self.prefix) :], item["Size"]
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise self._fail("list", prefix, e) from None
+        pages = s3url.list_pages(
+            self.client.list_objects_v2,
+            lambda request: self._call("list", prefix, request),
+            Bucket=self.bucket,
+            Prefix=self.prefix + prefix,
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield item["Key"][len(self.prefix) :], item["Size"]
 
     def delete_many(self, keys: Iterable[str]) -> int:
         keys = list(keys)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = keys[start : start + 1000]
-            try:
-                result = self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": self.prefix + k} for k in batch], "Quiet": True}
-                )
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-                raise self._fail("delete", batch[0], e) from None
+            objects = {"Objects": [{"Key": self.prefix + k} for k in batch], "Quiet": True}
+            result = self._call(
+                "delete", batch[0], functools.partial(self.client.delete_objects, Bucket=self.bucket, Delete=objects)
+            )
             errors = result.get("Errors") or []
             if errors:
                 first = errors[0]
@@ -166,23 +152,13 @@ class S3Store(Store):
         return len(keys)
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise self._fail("delete", key, e) from None
+        self._call("delete", key, lambda: self.client.delete_object(**self._key(key)))
 
     def copy_to(self, key: str, dest: Store) -> int:
-        if isinstance(dest, S3Store) and dest.client.meta.endpoint_url == self.client.meta.endpoint_url:
-            try:
-                result = dest.client.copy_object(
-                    Bucket=dest.bucket,
-                    Key=dest.prefix + key,
-                    CopySource={"Bucket": self.bucket, "Key": self.prefix + key},
-                )
-                del result
-                return 0
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-                raise self._fail("copy", key, e) from None
+        if isinstance(dest, S3Store) and dest.endpoint_url == self.endpoint_url:
+            source = self._key(key)
+            dest._call("copy", key, lambda: dest.client.copy_object(**dest._key(key), CopySource=source))
+            return 0
         return super().copy_to(key, dest)
 
     def close(self) -> None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import weightstream
+from layerstore.retry import STALL_ATTEMPTS
 from tests.silent_server import SilentServer
 from tests.weightstream.conftest import assert_same, random_tensor, write_checkpoint
 from weightstream.errors import FetchError
-from weightstream.httpreader import STALL_ATTEMPTS
 
 FAST_RETRY = {"backoff_base": 0.01, "backoff_max": 0.05, "stall_timeout": 0.5}
 

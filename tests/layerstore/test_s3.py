@@ -1,0 +1,140 @@
+"""s3:// URLs and the S3 store's retry policy (layerstore/s3url.py), against a real S3 server (moto) and a real
+fault-injecting proxy."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+
+import weightstream
+from layerstore import s3url
+from layerstore.errors import StoreError
+from layerstore.retry import STALL_ATTEMPTS
+from layerstore.s3url import S3Location, S3URLError
+from layerstore.stores import open_store
+from layerstore.stores.s3 import S3Store
+from tests.faultproxy import FaultProxy
+from tests.silent_server import SilentServer
+
+
+def test_parse_reads_every_option_and_the_url_wins_over_the_defaults():
+    url = "s3://my-bucket/a/b/?endpoint_url=http://127.0.0.1:9000&region=eu-west-1&path_style=TRUE"
+    assert s3url.parse(url, region="us-east-1", path_style=False) == S3Location(
+        "my-bucket", "a/b/", "http://127.0.0.1:9000", "eu-west-1", True
+    )
+    plain = s3url.parse("s3://bucket.with.dots//deep/prefix", endpoint_url="https://s3.example:8443", path_style=True)
+    assert plain == S3Location("bucket.with.dots", "deep/prefix", "https://s3.example:8443", None, True)
+    assert plain.prefix == "deep/prefix/" and plain.url == "s3://bucket.with.dots/deep/prefix/"
+    assert s3url.parse("s3://bkt").prefix == "" and s3url.parse("s3://bkt?path_style=off").path_style is False
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("s3:///prefix", "has no bucket"),
+        ("s3://ab/p", "not a valid bucket name"),
+        ("s3://-bucket/p", "not a valid bucket name"),
+        ("s3://bucket-/p", "not a valid bucket name"),
+        ("s3://my bucket/p", "not a valid bucket name"),
+        ("s3://user:secret@bucket/p", "not a valid bucket name"),
+        ("s3://bucket:9000/p", "not a valid bucket name"),
+        ("s3://bucket..x/p", "not a valid bucket name"),
+        ("s3://" + "b" * 256 + "/p", "not a valid bucket name"),
+        ("s3://bucket/p#frag", "has a fragment"),
+        ("s3://bucket/p?endpoint=http://x", "unknown option 'endpoint' (known: endpoint_url, region, path_style)"),
+        ("s3://bucket/p?region=", "option region has no value"),
+        ("s3://bucket/p?region=a&region=b", "given twice"),
+        ("s3://bucket/p?path_style=ture", "path_style='ture' is neither true nor false"),
+        ("s3://bucket/p?endpoint_url=127.0.0.1:9000", "is not an http(s)://host[:port] URL"),
+        ("s3://bucket/p?region=us_east/1", "is not a region name"),
+        ("http://bucket/p", "is not an s3:// URL"),
+    ],
+)
+def test_bad_urls_are_refused_with_one_line_naming_the_problem(url, complaint):
+    with pytest.raises(S3URLError) as error:
+        s3url.parse(url)
+    assert complaint in str(error.value) and "\n" not in str(error.value)
+    if url.startswith("s3:"):  # both users refuse them the same way, before any network call
+        with pytest.raises(StoreError, match=complaint.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            open_store(url)
+        with pytest.raises(ValueError, match=complaint.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            weightstream.open(url)
+
+
+@pytest.fixture
+def proxied_store(s3_server):
+    """An S3Store on a fresh bucket, reached through a fault proxy that can fail any request."""
+    bucket = f"liftoff-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(bucket)
+    upstream = urlsplit(s3_server.endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port), stall_seconds=2.0)
+    store = S3Store(
+        s3url.parse(f"s3://{bucket}/p?endpoint_url={proxy.endpoint}&path_style=true"), read_timeout=1.0, connect_timeout=1.0
+    )
+    direct = open_store(f"s3://{bucket}/p?endpoint_url={s3_server.endpoint}&path_style=true")  # writes (the relay
+    yield store, proxy, direct  # does not answer "Expect: 100-continue")
+    direct.close()
+    store.close()
+    proxy.stop()
+
+
+@pytest.mark.parametrize("fault", ["503", "500", "reset", "truncate", "stall"])
+def test_the_store_retries_each_transient_fault(proxied_store, fault):
+    """botocore makes one attempt; the store retries, a broken body included (botocore never retried those)."""
+    store, proxy, direct = proxied_store
+    data = os.urandom(200_000)
+    direct.put("chunks/x", data)
+    proxy.inject(fault)
+    assert store.get("chunks/x") == data
+    assert proxy.injected == [fault]
+
+
+def test_a_listing_retries_one_page_not_the_whole_listing(proxied_store):
+    store, proxy, direct = proxied_store
+    keys = [f"k/{i}" for i in range(5)]
+    for key in keys:
+        direct.put(key, b"x")
+    proxy.inject("pass", "503")  # the second page's request fails once
+    pages = s3url.list_pages(
+        store.client.list_objects_v2,
+        lambda request: store._call("list", "k/", request),
+        Bucket=store.bucket,
+        Prefix=store.prefix + "k/",
+        MaxKeys=2,
+    )
+    assert [[item["Key"] for item in page["Contents"]] for page in pages] == [
+        [store.prefix + k for k in keys[i : i + 2]] for i in (0, 2, 4)
+    ]
+    assert proxy.injected == ["pass", "503"] and proxy.requests == 4
+    proxy.inject("503")
+    assert sorted(store.list("k/")) == keys  # the store's own listing goes the same way
+
+
+def test_persistent_errors_fail_after_the_attempts_with_one_line(proxied_store):
+    store, proxy, _ = proxied_store
+    proxy.always("503")
+    started = time.monotonic()
+    with pytest.raises(StoreError) as error:
+        store.get("chunks/y")
+    assert len(proxy.injected) == store.attempts == 6
+    assert time.monotonic() - started < 10  # the pauses: 0.2 s doubling, capped at 5 s
+    assert "SlowDown" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_silent_endpoint_fails_after_a_few_stalls_not_every_attempt(monkeypatch):
+    """Each stall costs a whole read timeout: an S3Store gives up after STALL_ATTEMPTS of them, not `attempts`."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    server = SilentServer()
+    store = S3Store(s3url.parse(f"s3://chunks/p?endpoint_url={server.endpoint}&path_style=true"), read_timeout=0.5)
+    try:
+        with pytest.raises(StoreError, match="did not answer within 0.5 s"):
+            store.get("chunks/z")
+    finally:
+        server.stop()
+        store.close()
+    assert server.connections == STALL_ATTEMPTS < store.attempts
