@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from layerstore.cache import ChunkCache
 from layerstore.errors import FormatError, LiftoffError, ObjectNotFound, StoreError
 from layerstore.index import decompress_chunk
 from layerstore.layout import chunk_key
+from layerstore.retry import Backoff
 from layerstore.stores import Store
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ class ChunkFetcher:
         self._attempts = [store.single_attempt(request_timeout) for store in stores]
         self.cache = cache
         self.retry_seconds = retry_seconds
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.backoff = Backoff(backoff, max_backoff)
         self.on_fetch = on_fetch
         self.stats = FetchStats()
         self._lock = threading.Lock()
@@ -115,14 +114,14 @@ class ChunkFetcher:
         second round. After the first round, no request starts once the budget is spent."""
         key = chunk_key(sha256)
         errors: list[str] = []
-        delay = self.backoff
         deadline = time.monotonic() + self.retry_seconds
-        attempt = 0
+        pauses = self.backoff.pauses(budget=self.retry_seconds)  # each pause ends within the budget
+        rounds = 0
         spent = False
         while not spent:
             missing_everywhere = True
             for store in self._attempts:
-                if attempt and time.monotonic() >= deadline:
+                if rounds and time.monotonic() >= deadline:
                     spent = True
                     break
                 started = time.monotonic()
@@ -146,14 +145,11 @@ class ChunkFetcher:
                 if self.on_fetch is not None:
                     self.on_fetch(sha256, len(blob))
                 return data
-            attempt += 1
-            pause = min(delay, self.max_backoff) * (0.5 + random.random())
-            if spent or (missing_everywhere and attempt >= 2) or time.monotonic() + pause > deadline:
+            rounds += 1
+            if spent or (missing_everywhere and rounds >= 2) or next(pauses, None) is None:
                 break
             with self._lock:
                 self.stats.retries += 1
-            time.sleep(pause)
-            delay *= 2
         with self._lock:
             self.stats.failures += 1
         stores = ", ".join(s.url for s in self.stores)

@@ -25,6 +25,7 @@ from layerstore.pb.containerd.services.images.v1 import images_pb2, images_pb2_g
 from layerstore.pb.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from layerstore.pb.containerd.types import descriptor_pb2, mount_pb2
+from layerstore.retry import Backoff
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 NAMESPACE_HEADER = "containerd-namespace"
@@ -33,6 +34,7 @@ GC_EXPIRE_LABEL = "containerd.io/gc.expire"
 CHUNK = 1 << 20  # bytes per Content.Write message (containerd caps messages at 16 MiB)
 CALL_TIMEOUT = 60.0
 LOCK_WAIT = 1800.0  # how long to wait for another client's write of the same blob
+LOCK_BACKOFF = Backoff(base=0.05, cap=1.0)  # polls of a locked ingest: soon at first, then about every second
 
 Code = grpc.StatusCode
 
@@ -176,17 +178,14 @@ class ContainerdClient:
         `ref` names the ingest: a second client writing the same ref waits here until the first is done.
         containerd checks size and digest on commit.
         """
-        deadline = time.monotonic() + LOCK_WAIT
-        delay = 0.05
+        pauses = LOCK_BACKOFF.pauses(budget=LOCK_WAIT)
         while True:
             try:
                 return self._write_once(ref, digest, size, chunks, labels)
             except ContainerdError as e:
                 locked = e.code in (Code.UNAVAILABLE, Code.FAILED_PRECONDITION) and "locked" in e.details
-                if not locked or time.monotonic() > deadline:
+                if not locked or next(pauses, None) is None:
                     raise
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
 
     def _write_once(self, ref: str, digest: str, size: int, chunks: Callable[[], Iterable[bytes]], labels: dict) -> bool:
         requests: queue.SimpleQueue = queue.SimpleQueue()
