@@ -142,7 +142,7 @@ def _build_index(
             uname=e.uname,
             gname=e.gname,
             size=e.size,
-            mtime_ns=e.mtime_ns if -(1 << 63) <= e.mtime_ns < 1 << 63 else 0,  # past 2262: containerd sets the epoch
+            mtime_ns=e.mtime_ns,
             link_target=e.link_target,
             dev_major=e.dev_major,
             dev_minor=e.dev_minor,

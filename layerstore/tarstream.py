@@ -319,6 +319,8 @@ class TarReader:
             raise ImageError(f"tar entry {_show(name)}: corrupt pax header (non-numeric uid, gid or size)") from None
         if not (0 <= entry.uid < 2**32 and 0 <= entry.gid < 2**32) or entry.size < 0:
             raise ImageError(f"tar entry {_show(name)}: uid, gid or size out of range")
+        if not -(2**63) <= entry.mtime_ns < 2**63:
+            entry.mtime_ns = 0  # past 2262 in nanoseconds: containerd's applier sets the epoch
         self._data_size = entry.size
         if kind in (pb.ENTRY_TYPE_CHAR_DEVICE, pb.ENTRY_TYPE_BLOCK_DEVICE):
             entry.dev_major = _number(header[329:337], "devmajor")

@@ -169,3 +169,9 @@ def test_trailing_slash_means_directory_only_for_pre_posix_typeflag():
         (b"d", pb.ENTRY_TYPE_DIRECTORY, b""),
         (b"f", pb.ENTRY_TYPE_REGULAR, b"data"),
     ]
+
+
+def test_times_past_2262_are_the_epoch():
+    """Nanoseconds past int64 (year 2262) fit no index; containerd's applier sets the epoch for them."""
+    tar = _tar(tarfile.PAX_FORMAT, [(_info("late", size=1, mtime=32_503_680_000), b"x"), (_info("ok", size=1, mtime=-5), b"y")])
+    assert [(e["path"], e["mtime_ns"]) for e in read_all(tar)] == [(b"late", 0), (b"ok", -5 * 10**9)]
