@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import signal
-import socket
 import time
 
 import aiohttp
@@ -18,6 +16,7 @@ from layerstore import __version__
 from layerstore.errors import LiftoffError
 from layerstore.oci.auth import DockerCredentials
 from layerstore.stores import open_stores
+from layerstore.systemd import notify_systemd
 from registry_proxy.access import Access
 from registry_proxy.auth import UpstreamAuth
 from registry_proxy.blobcache import BlobCache
@@ -192,20 +191,6 @@ def own_url(host: str, port: int) -> str:
     elif host == "::":
         host = "::1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def notify_systemd(state: str) -> None:
-    """Tell systemd (Type=notify units) about readiness; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), address)
-        except OSError as e:
-            log.warning("cannot notify systemd at %s: %s", address, e)
 
 
 async def serve(config: ProxyConfig) -> None:

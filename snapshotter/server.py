@@ -16,6 +16,7 @@ import grpc
 
 from layerstore.errors import LiftoffError
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from layerstore.systemd import notify_systemd
 from snapshotter.layout import Layout
 from snapshotter.metrics import Metrics, parse_address
 from snapshotter.service import SnapshotService
@@ -50,20 +51,6 @@ def prepare_socket(path: Path) -> None:
                 os.unlink(path)  # left by a process that is gone
             else:
                 raise LiftoffError(f"another process is serving on {path}; stop it or choose another --socket")
-
-
-def notify_systemd(state: str) -> None:
-    """Tell systemd (Type=notify units) about readiness or stopping; no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), address)
-        except OSError as e:
-            log.warning("cannot notify systemd at %s: %s", address, e)
 
 
 def build_server(store: SnapshotStore, socket_path: Path, metrics: Metrics, workers: int = 16) -> grpc.Server:
