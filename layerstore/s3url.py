@@ -179,9 +179,72 @@ def retryable(error: Exception) -> bool:
     )
 
 
+# What a failed call means (CallFailed.kind).
+MISSING = "missing"
+NO_BUCKET = "no-bucket"
+DENIED = "denied"
+NO_CREDENTIALS = "no-credentials"
+STALLED = "stalled"
+UNREACHABLE = "unreachable"
+FAILED = "failed"
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})  # a HEAD has no body: its code is the status
+_DENIED_CODES = frozenset({"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
+
+
+class CallFailed(Exception):
+    """A call that `call()` gave up on: the last botocore error, what it means, and how many attempts stalled."""
+
+    def __init__(self, error: Exception, stalls: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.stalls = stalls
+        self.kind = _kind(error)
+
+    def describe(self, *, action: str, target: str, endpoint: str, timeout: float) -> str:
+        """One line for the operator: what failed (`action` on `target`, an s3:// URL), why, and what to do."""
+        error = self.error
+        if self.kind == MISSING:
+            return f"{target} not found"
+        if self.kind == NO_BUCKET:
+            bucket = urlsplit(target).netloc
+            return f"bucket {bucket!r} does not exist at endpoint {endpoint}: create it or fix the URL"
+        if self.kind == DENIED:
+            return f"access denied to {target} ({action}): check the AWS credentials and the bucket policy"
+        if self.kind == NO_CREDENTIALS:
+            return f"no AWS credentials for {target}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+        if self.kind == STALLED:
+            times = f", {self.stalls} times" if self.stalls > 1 else ""
+            return (
+                f"cannot {action} {target}: endpoint {endpoint} did not answer within {timeout:g} s{times}: "
+                "check the endpoint and the network"
+            )
+        if self.kind == UNREACHABLE:
+            return f"cannot {action} {target}: endpoint {endpoint} is unreachable ({error})"
+        return f"cannot {action} {target} (endpoint {endpoint}): {error_code(error) or type(error).__name__} {error}"
+
+
+def _kind(error: Exception) -> str:
+    import botocore.exceptions
+
+    code = error_code(error)
+    if code in _MISSING_CODES:
+        return MISSING
+    if code == "NoSuchBucket":
+        return NO_BUCKET
+    if code in _DENIED_CODES:
+        return DENIED
+    if isinstance(error, botocore.exceptions.NoCredentialsError):
+        return NO_CREDENTIALS
+    if is_stall(error):
+        return STALLED
+    if not isinstance(error, botocore.exceptions.ClientError) and retryable(error):
+        return UNREACHABLE  # refused, reset or broken connections
+    return FAILED
+
+
 def call(fn: Callable[[], T], *, what: str, attempts: int, backoff: Backoff = Backoff()) -> T:
-    """fn() under the retry policy: at most `attempts` tries and `STALL_ATTEMPTS` stalls; when it gives up,
-    the last botocore error is raised for the caller to explain. `what` names the call in the log."""
+    """fn() under the retry policy: at most `attempts` tries and `STALL_ATTEMPTS` stalls. When it gives up:
+    CallFailed, for the caller to explain (`describe`). `what` names the call in the log."""
     import botocore.exceptions
 
     pauses = backoff.pauses(attempts)
@@ -190,15 +253,13 @@ def call(fn: Callable[[], T], *, what: str, attempts: int, backoff: Backoff = Ba
         try:
             return fn()
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            if not retryable(e):
-                raise
             stalls += int(is_stall(e))
-            if stalls >= STALL_ATTEMPTS:
-                raise
+            if not retryable(e) or stalls >= STALL_ATTEMPTS:
+                raise CallFailed(e, stalls) from None
             error = e
         retry = next(pauses, None)
         if retry is None:
-            raise error
+            raise CallFailed(error, stalls) from None
         log.info("%s: %s; retry %d of %d", what, error, retry, attempts - 1)
 
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from layerstore import s3url
-from layerstore.retry import STALL_ATTEMPTS, Backoff
+from layerstore.retry import Backoff
 from weightstream.errors import CheckpointNotFound, FetchError
 from weightstream.httpreader import HttpRangeReader, ObjectRef
 from weightstream.localreader import LocalRangeReader
@@ -26,7 +26,6 @@ from weightstream.options import StreamOptions
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_MISSING_KEY = {"NoSuchKey", "404", "NotFound"}  # S3 error codes (a HEAD has no body: its code is the status)
 SMALL_LIMIT = 100_000_000  # index and manifest files are read whole; refuse anything absurd
 PRESIGN_SECONDS = 3600
 
@@ -146,35 +145,18 @@ class S3Location(Location):
     def _call(self, action: str, name: str, call: Callable[[], T]) -> T:
         """call() under the S3 retry policy (max_retries retries, at most STALL_ATTEMPTS stalls); a failure
         becomes a FetchError (CheckpointNotFound if absent)."""
-        import botocore.exceptions
-
+        attempts = self._options.max_retries + 1
         try:
-            return s3url.call(
-                call, what=f"{action} {self.url}{name}", attempts=self._options.max_retries + 1, backoff=self._backoff
+            return s3url.call(call, what=f"{action} {self.url}{name}", attempts=attempts, backoff=self._backoff)
+        except s3url.CallFailed as failure:
+            message = failure.describe(
+                action=action,
+                target=self.url + name,
+                endpoint=self.client.meta.endpoint_url,
+                timeout=self._options.stall_timeout,
             )
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise self._fail(action, name, e) from None
-
-    def _fail(self, action: str, name: str, error: Exception) -> FetchError:
-        import botocore.exceptions
-
-        if isinstance(error, botocore.exceptions.ClientError):
-            code = s3url.error_code(error)
-            if code in _MISSING_KEY:
-                return CheckpointNotFound(f"{self.url}{name} not found")
-            if code == "NoSuchBucket":
-                return _BucketMissing(f"bucket {self.bucket!r} does not exist (endpoint {self.client.meta.endpoint_url})")
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return FetchError(f"access denied to {self.url} ({action} {name}): check the AWS credentials")
-            return FetchError(f"cannot {action} {self.url}{name}: {code} {error}")
-        if isinstance(error, botocore.exceptions.NoCredentialsError):
-            return FetchError(f"no AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
-        if s3url.is_stall(error):
-            return FetchError(
-                f"cannot {action} {self.url}{name}: endpoint {self.client.meta.endpoint_url} did not answer within "
-                f"{self._options.stall_timeout:g} s, {STALL_ATTEMPTS} times: check the endpoint and the network"
-            )
-        return FetchError(f"cannot {action} {self.url}{name} (endpoint {self.client.meta.endpoint_url}): {error}")
+            kinds = {s3url.MISSING: CheckpointNotFound, s3url.NO_BUCKET: _BucketMissing}
+            raise kinds.get(failure.kind, FetchError)(message) from None
 
     def _presign(self, obj: ObjectRef, refresh: bool) -> str:
         with self._lock:

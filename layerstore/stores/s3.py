@@ -7,15 +7,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import botocore.exceptions
-
 from layerstore import s3url
 from layerstore.errors import ObjectNotFound, StoreError
 from layerstore.s3url import S3Location
 from layerstore.stores.base import Bytes, Store, parallel_sizes
 
 T = TypeVar("T")
-_BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
 class S3Store(Store):
@@ -50,7 +47,6 @@ class S3Store(Store):
             location, connect_timeout=connect_timeout, read_timeout=read_timeout, max_connections=max_connections
         )
         self.endpoint_url = self.client.meta.endpoint_url
-        self._where = f"{self.url} (endpoint {self.endpoint_url})"
         self._pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3store")
 
     def single_attempt(self, timeout: float) -> S3Store:
@@ -67,31 +63,12 @@ class S3Store(Store):
     def _call(self, action: str, key: str, fn: Callable[[], T]) -> T:
         """fn() under the S3 retry policy; a failure becomes a StoreError (ObjectNotFound if absent)."""
         try:
-            return s3url.call(fn, what=f"{action} {key} in {self._where}", attempts=self.attempts)
-        except _BOTO_ERRORS as e:
-            raise self._fail(action, key, e) from None
-
-    def _fail(self, action: str, key: str, e: Exception) -> StoreError:
-        if isinstance(e, botocore.exceptions.ClientError):
-            code = s3url.error_code(e)
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return ObjectNotFound(f"{key} not found in {self._where}")
-            if code == "NoSuchBucket":
-                return StoreError(f"bucket {self.bucket!r} does not exist at {self._where}: create it or fix the URL")
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return StoreError(f"access denied to {self._where} ({action} {key}): check the AWS credentials")
-            return StoreError(f"cannot {action} {key} in {self._where}: {code or status} {e}")
-        if isinstance(e, botocore.exceptions.NoCredentialsError):
-            return StoreError(f"no AWS credentials for {self._where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
-        if isinstance(e, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):
-            return StoreError(
-                f"store {self._where} did not answer within {self.read_timeout:g} s ({action} {key}): "
-                "check the endpoint and the network"
+            return s3url.call(fn, what=f"{action} {self.url}{key}", attempts=self.attempts)
+        except s3url.CallFailed as failure:
+            message = failure.describe(
+                action=action, target=self.url + key, endpoint=self.endpoint_url, timeout=self.read_timeout
             )
-        if s3url.retryable(e):  # refused, reset or broken connections
-            return StoreError(f"store {self._where} is unreachable ({action} {key}): {e}")
-        return StoreError(f"cannot {action} {key} in {self._where}: {e}")
+            raise (ObjectNotFound if failure.kind == s3url.MISSING else StoreError)(message) from None
 
     def _key(self, key: str) -> dict[str, str]:
         return {"Bucket": self.bucket, "Key": self.prefix + key}
@@ -146,8 +123,8 @@ class S3Store(Store):
             if errors:
                 first = errors[0]
                 raise StoreError(
-                    f"cannot delete {len(errors)} object(s) in {self._where}, e.g. {first.get('Key')}: "
-                    f"{first.get('Code')} {first.get('Message')}"
+                    f"cannot delete {len(errors)} object(s) in {self.url} (endpoint {self.endpoint_url}), "
+                    f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
                 )
         return len(keys)
 

@@ -4,6 +4,7 @@ fault-injecting proxy."""
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -59,9 +60,9 @@ def test_bad_urls_are_refused_with_one_line_naming_the_problem(url, complaint):
         s3url.parse(url)
     assert complaint in str(error.value) and "\n" not in str(error.value)
     if url.startswith("s3:"):  # both users refuse them the same way, before any network call
-        with pytest.raises(StoreError, match=complaint.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        with pytest.raises(StoreError, match=re.escape(complaint)):
             open_store(url)
-        with pytest.raises(ValueError, match=complaint.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        with pytest.raises(ValueError, match=re.escape(complaint)):
             weightstream.open(url)
 
 
@@ -132,7 +133,7 @@ def test_a_silent_endpoint_fails_after_a_few_stalls_not_every_attempt(monkeypatc
     server = SilentServer()
     store = S3Store(s3url.parse(f"s3://chunks/p?endpoint_url={server.endpoint}&path_style=true"), read_timeout=0.5)
     try:
-        with pytest.raises(StoreError, match="did not answer within 0.5 s"):
+        with pytest.raises(StoreError, match=r"did not answer within 0\.5 s, 3 times"):
             store.get("chunks/z")
     finally:
         server.stop()

@@ -50,4 +50,7 @@ def test_weightstream_imports_and_loads_without_grpc_protobuf_or_zstandard(tmp_p
         [sys.executable, "-c", CHILD, f"file://{tmp_path}", *MODULES], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"a": ["torch.float32", [2, 3], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]], "b": ["torch.int64", [2], [7, 8]]}
+    assert json.loads(done.stdout) == {
+        "a": ["torch.float32", [2, 3], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]],
+        "b": ["torch.int64", [2], [7, 8]],
+    }
