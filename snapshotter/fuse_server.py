@@ -41,6 +41,28 @@ MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 MOUNT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
+NO_REPLY = frozenset({k.FORGET, k.BATCH_FORGET, k.INTERRUPT})  # the kernel expects no answer to these
+OPCODE_NAMES = {
+    k.LOOKUP: "lookup",
+    k.GETATTR: "getattr",
+    k.READLINK: "readlink",
+    k.OPEN: "open",
+    k.READ: "read",
+    k.STATFS: "statfs",
+    k.RELEASE: "release",
+    k.GETXATTR: "getxattr",
+    k.LISTXATTR: "listxattr",
+    k.FLUSH: "flush",
+    k.INIT: "init",
+    k.OPENDIR: "opendir",
+    k.READDIR: "readdir",
+    k.RELEASEDIR: "releasedir",
+    k.ACCESS: "access",
+    k.FORGET: "forget",
+    k.BATCH_FORGET: "batch_forget",
+    k.READDIRPLUS: "readdirplus",
+    k.STATX: "statx",
+}
 _NEGATIVE = k.ENTRY_PREFIX.pack(0, 0, TIMEOUT, TIMEOUT, 0, 0) + bytes(k.ATTR.size)
 _ATTR_OUT = k.ATTR_OUT_PREFIX.pack(TIMEOUT, 0, 0)
 _WANT = (
@@ -54,6 +76,20 @@ _WANT = (
 )
 
 OnRead = Callable[[Node, int, int], None]
+
+
+def opcode_name(opcode: int) -> str:
+    """The FUSE opcode's name, for logs and statistics."""
+    return OPCODE_NAMES.get(opcode, str(opcode))
+
+
+def lazy_unmount(path: str | os.PathLike[str]) -> None:
+    """Detach a mount (MNT_DETACH): works on dead FUSE mounts and on mounts still in use; a path that
+    is not a mount point (EINVAL) or does not exist is left alone. OSError on any other failure."""
+    if _libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(err, f"umount {path}: {os.strerror(err)}")
 
 
 def _attr(node: Node) -> bytes:
@@ -165,10 +201,12 @@ class FuseSession:
 
     def unmount(self) -> None:
         """Detach the mount (lazily: containers using it keep it); the reader threads then end."""
-        if self.mountpoint is not None and _libc.umount2(str(self.mountpoint).encode(), MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOENT):
-                log.warning("umount %s: %s", self.mountpoint, os.strerror(err))
+        if self.mountpoint is None:
+            return
+        try:
+            lazy_unmount(self.mountpoint)
+        except OSError as e:
+            log.warning("%s", e)
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
@@ -186,15 +224,22 @@ class FuseSession:
                     continue
                 log.error("view %s: reading /dev/fuse: %s", self.label, e)
                 return
+            length, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = k.IN_HEADER.unpack_from(data)
             try:
-                self._dispatch(data)
+                self._dispatch(length, opcode, unique, nodeid, data)
             except Exception:
-                log.exception("view %s: request failed", self.label)
+                # Unanswered, the request would keep its reader in uninterruptible sleep for good.
+                self._failed(unique, opcode)
 
-    def _dispatch(self, data: bytes) -> None:
-        length, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = k.IN_HEADER.unpack_from(data)
+    def _failed(self, unique: int, opcode: int) -> None:
+        """A handler raised: log it once and answer EIO (unless the kernel expects no answer)."""
+        log.exception("view %s: %s request failed; answered EIO", self.label, opcode_name(opcode))
+        if opcode not in NO_REPLY:
+            self._reply(unique, error=errno.EIO)
+
+    def _dispatch(self, length: int, opcode: int, unique: int, nodeid: int, data: bytes) -> None:
         self.requests[opcode] = self.requests.get(opcode, 0) + 1
-        if opcode in (k.FORGET, k.BATCH_FORGET, k.INTERRUPT):
+        if opcode in NO_REPLY:
             return  # nodes live as long as the view; interrupted requests just finish
         handler = self._handlers.get(opcode)
         if handler is None:
@@ -293,6 +338,9 @@ class FuseSession:
         except ChunkUnavailable as e:
             log.error("view %s: read of inode %d failed: %s", self.label, node.ino, e)
             self._reply(unique, error=errno.EIO)
+            return
+        except Exception:  # on the fetch pool nobody else would answer: the reader would wait forever
+            self._failed(unique, k.READ)
             return
         self._reply(unique, *parts)
 
