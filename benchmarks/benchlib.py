@@ -64,7 +64,7 @@ def drop_caches(keep_warm: tuple = ()) -> None:
 @contextlib.contextmanager
 def liftoff_node(workdir: Path, store: str):
     """A fresh node: the FUSE daemon, the liftoff snapshotter and containerd using it (stopped afterwards)."""
-    from layerstore.localservices import start_containerd, start_fused, start_snapshotter
+    from snapshotter.localnode import start_containerd, start_fused, start_snapshotter
 
     socket = workdir / "run" / "snapshotter.sock"
     fused = start_fused(workdir / "root" / "remote", ["--store", store], workdir=workdir)

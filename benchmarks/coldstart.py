@@ -37,15 +37,11 @@ from pathlib import Path
 from benchmarks.benchlib import drop_caches, liftoff_node, load_average, machine, table
 from benchmarks.build_images import ensure_images
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, Shaping, ShapingProxy
-from layerstore.localservices import (
-    push_layout,
-    start_containerd,
-    start_nginx,
-    start_registry,
-)
+from liftoff.devstack.services import push_layout, start_nginx, start_registry
+from snapshotter.localnode import start_containerd
 
 WORK = Path("/var/tmp/liftoff-bench/coldstart")
-LIFTOFF = [sys.executable, "-m", "layerstore.cli"]
+LIFTOFF = [sys.executable, "-m", "liftoff"]
 COMMANDS = {
     "torch": ["python3", "-c", "import torch; print(torch.__version__)"],
     "python": ["python3", "-c", "import sys, json, ssl; print(sys.version.split()[0])"],

@@ -25,10 +25,11 @@ from pathlib import Path
 
 from benchmarks.benchlib import load_average, machine, table, timed
 from benchmarks.build_images import ensure_images
-from layerstore.localservices import push_layout, start_containerd, start_registry
+from liftoff.devstack.services import push_layout, start_registry
+from snapshotter.localnode import start_containerd
 
 WORK = Path("/var/tmp/liftoff-bench/convert")
-LIFTOFF = [sys.executable, "-m", "layerstore.cli"]
+LIFTOFF = [sys.executable, "-m", "liftoff"]
 
 
 def tar_bytes(layout: Path, tag: str) -> int:

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from benchmarks.benchlib import load_average, machine, table
 from benchmarks.build_images import ensure_images
-from layerstore.localservices import push_layout, start_containerd, start_fused, start_registry, start_snapshotter
 from layerstore.units import size_arg
+from liftoff.devstack.services import push_layout, start_registry
 from snapshotter.fuse_control import FusedClient
+from snapshotter.localnode import start_containerd, start_fused, start_snapshotter
 from tests.remote.helpers import Snapshots
 
 WORK = Path("/var/tmp/liftoff-bench/fuse-micro")
@@ -83,7 +84,7 @@ def main() -> None:
     try:
         ref = push_layout(layout, "torch", registry.host, "bench/torch")
         subprocess.run(
-            [sys.executable, "-m", "layerstore.cli", "convert", ref, "--plain-http", "--store", store],
+            [sys.executable, "-m", "liftoff", "convert", ref, "--plain-http", "--store", store],
             check=True,
             capture_output=True,
         )
@@ -98,7 +99,7 @@ def main() -> None:
         containerd = start_containerd(WORK / "containerd", socket)
         containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
         subprocess.run(
-            [sys.executable, "-m", "layerstore.cli", "pull", ref, "--address", containerd.address, "--plain-http"],
+            [sys.executable, "-m", "liftoff", "pull", ref, "--address", containerd.address, "--plain-http"],
             check=True,
             capture_output=True,
         )

@@ -37,7 +37,7 @@ import requests
 
 from benchmarks.benchlib import load_average, machine, table
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ProxyProcess
-from layerstore.localservices import free_port, start_registry, wait_for_http
+from liftoff.devstack.services import free_port, start_registry, wait_for_http
 
 WORK = Path("/var/tmp/liftoff-bench/proxy")
 REPOSITORY = "bench/blobs"
@@ -90,7 +90,7 @@ def start_proxy(registry_host: str, upstream_host: str, cache: Path) -> subproce
     if cache.exists():
         shutil.rmtree(cache)
     port = free_port()
-    argv = [sys.executable, "-m", "layerstore.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache)]
+    argv = [sys.executable, "-m", "liftoff", "proxy", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache)]
     argv += ["--upstream", f"{registry_host}=http://{upstream_host}", "--plain-http", registry_host, "--log-level", "warning"]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     process.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]

@@ -39,17 +39,12 @@ from pathlib import Path
 from benchmarks.benchlib import drop_caches, liftoff_node, load_average, machine, table
 from benchmarks.build_images import Chroot, download_wheels, ensure_images, run
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ShapingProxy
-from layerstore.localservices import (
-    free_port,
-    push_layout,
-    start_containerd,
-    start_nginx,
-    start_registry,
-)
+from liftoff.devstack.services import free_port, push_layout, start_nginx, start_registry
+from snapshotter.localnode import start_containerd
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path("/var/tmp/liftoff-bench/scaleup")
-LIFTOFF = [sys.executable, "-m", "layerstore.cli"]
+LIFTOFF = [sys.executable, "-m", "liftoff"]
 BUCKET = "liftoff-bench"
 WARM: list[Path] = []  # the emulated remote servers' directories: kept in the page cache across runs
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ProxyProcess, Shaping  # noqa: E402
-from layerstore.localservices import Nginx, start_nginx  # noqa: E402
+from liftoff.devstack.services import Nginx, start_nginx  # noqa: E402
 
 BUCKET = "bench"
 DEFAULT_DIR = Path("/var/tmp/liftoff-weights-bench")

@@ -7,8 +7,8 @@ import json
 import sys
 
 from layerstore.chunker import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from layerstore.cli import add_store_options, store_options
 from layerstore.leases import DEFAULT_TTL
+from layerstore.stores.options import add_store_options, store_options
 from layerstore.units import size_arg
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from layerstore.cli import add_store_options, store_options
+from layerstore.stores.options import add_store_options, store_options
 from layerstore.units import format_size, size_arg
 from registry_proxy.config import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE, DEFAULT_LISTEN, MAX_MANIFEST_BYTES
 

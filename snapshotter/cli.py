@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from layerstore.cli import add_store_options, store_options
+from layerstore.stores.options import add_store_options, store_options
 from layerstore.units import size_arg
 from snapshotter.config import DEFAULT_CACHE_SIZE, DEFAULT_ROOT, DEFAULT_SOCKET
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from layerstore.catalog import load_record, set_profile
 from layerstore.errors import LiftoffError, ObjectNotFound
-from layerstore.localservices import start_containerd, start_snapshotter
 from layerstore.oci.auth import DockerCredentials
 from layerstore.oci.manifest import Descriptor, Node, parse_document, select_manifests
 from layerstore.oci.platform import host_platform, parse_platform
@@ -35,6 +34,7 @@ from layerstore.records import ImageRecord
 from layerstore.stores import Store, StoreChain
 from snapshotter import pull as pulling
 from snapshotter.fuse_control import FusedClient, view_id
+from snapshotter.localnode import start_containerd, start_snapshotter
 from snapshotter.profile import summarize
 
 log = logging.getLogger(__name__)

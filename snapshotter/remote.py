@@ -296,7 +296,7 @@ def ensure_fused(root: Path, store_args: list[str], cache_size: str, log_level: 
     argv = [
         sys.executable,
         "-m",
-        "layerstore.cli",
+        "liftoff",
         "--log-level",
         log_level,
         "fused",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from layerstore.localservices import Registry, S3Server, start_registry, start_s3
+from liftoff.devstack.services import Registry, S3Server, start_registry, start_s3
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_CREDENTIALS = ("liftoff", "s3cret-pass")
@@ -63,7 +63,7 @@ def file_store_url(tmp_path) -> str:
 def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `liftoff ARGS` as a separate process, as an operator would."""
     done = subprocess.run(
-        [sys.executable, "-m", "layerstore.cli", *args],
+        [sys.executable, "-m", "liftoff", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

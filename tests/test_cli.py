@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from layerstore import cli
+from liftoff import cli
 from tests.conftest import run_cli
 
 

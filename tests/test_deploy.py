@@ -10,7 +10,7 @@ import tomllib
 
 import yaml
 
-from layerstore.cli import build_parser
+from liftoff.cli import build_parser
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -301,7 +302,5 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from layerstore.cli import main
-
-    sys.exit(main(["compact", *sys.argv[1:]]))
+if __name__ == "__main__":  # `python -m serve_integration.compaction.cli ARGS` is `liftoff compact ARGS`
+    os.execv(sys.executable, [sys.executable, "-m", "liftoff", "compact", *sys.argv[1:]])

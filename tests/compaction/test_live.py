@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from layerstore import cli as liftoff_cli
+from liftoff import cli as liftoff_cli
 from serve_integration.compaction.providers import ClusterUtilsProvider, register_provider, unregister_provider
 from tests.compaction import apps
 from tests.compaction.livecluster import CHEAP, EXPENSIVE, LiveCluster, LoadLoop, wait_for
@@ -199,7 +199,7 @@ def test_controller_killed_mid_plan_resumes_after_restart(live, tmp_path):
     load = LoadLoop(live.port, ["/slow"]).start()
     state = tmp_path / "inflight.json"
     cmd = [
-        sys.executable, "-m", "layerstore.cli", "--log-level", "info", "compact", "run", "--address", live.address, "--once",
+        sys.executable, "-m", "liftoff", "--log-level", "info", "compact", "run", "--address", live.address, "--once",
         "--state", str(state), "--provider", "ray", "--stability-window", "0", "--interval", "1",
         "--replica-start-timeout", "60", "--release-timeout", "60", "--poll", "0.5",
     ]  # fmt: skip

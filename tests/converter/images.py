@@ -8,8 +8,8 @@ import os
 import random
 import tarfile
 
-from layerstore.oci.builder import Member, make_tar
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
+from liftoff.devstack.ocibuild import Member, make_tar
 
 CHUNK = 64 << 10  # small chunks so small test data exercises chunking
 

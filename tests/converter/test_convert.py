@@ -10,10 +10,10 @@ from layerstore.catalog import find_image, load_index
 from layerstore.errors import FormatError
 from layerstore.index import FORMAT_MAJOR, decode_index, decompress_chunk, encode_index
 from layerstore.layout import IMAGES, chunk_key, layer_index_key
-from layerstore.localservices import push_layout
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.records import ImageRecord
 from layerstore.stores import StoreChain, open_store
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
+from liftoff.devstack.services import push_layout
 from tests.conftest import run_cli
 from tests.converter.images import CHUNK, kitchen_sink_layers, many_files_layer, oracle_entries, stored_entries
 

@@ -12,10 +12,10 @@ import pytest
 
 from layerstore.catalog import iter_records, load_index
 from layerstore.layout import CHAINS, CHUNKS, IMAGES, LAYERS, chunk_key
-from layerstore.oci.builder import LayoutWriter
 from layerstore.records import ImageRecord
 from layerstore.stores import StoreChain, open_store
 from layerstore.stores.file import TMP_MARK
+from liftoff.devstack.ocibuild import LayoutWriter
 from tests.conftest import ROOT, run_cli
 from tests.converter.images import CHUNK, many_files_layer
 from tests.converter.slowregistry import SlowRegistry
@@ -72,7 +72,7 @@ def test_kill_and_rerun(point, slow_source, tmp_path):
     args = [
         sys.executable,
         "-m",
-        "layerstore.cli",
+        "liftoff",
         "convert",
         slow_source,
         "--plain-http",

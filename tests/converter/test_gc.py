@@ -17,9 +17,9 @@ from converter.relayout import relayout_image
 from layerstore.catalog import find_image, load_index, set_profile
 from layerstore.layout import CHAINS, CHUNKS, IMAGES, LAYERS, chain_key, chunk_key, image_key, layer_index_key
 from layerstore.leases import LEASES
-from layerstore.localservices import push_layout
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.stores import StoreChain, open_store
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
+from liftoff.devstack.services import push_layout
 from tests.conftest import ROOT, run_cli
 from tests.converter.images import CHUNK, kitchen_sink_layers, many_files_layer
 
@@ -233,7 +233,7 @@ def test_a_conversion_waits_while_gc_holds_the_store(layout, tmp_path):
     store_url = f"file://{tmp_path / 'store'}"
     holder = hold_lease("gc", store_url)
     convert_proc = subprocess.Popen(
-        [sys.executable, "-m", "layerstore.cli", "convert", f"oci:{layout}:a", "--store", store_url, "--json"],
+        [sys.executable, "-m", "liftoff", "convert", f"oci:{layout}:a", "--store", store_url, "--json"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from layerstore.layout import IMAGES, LAYERS, layer_index_key
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.stores import open_store
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
 from tests.conftest import ROOT, run_cli
 from tests.converter.slowregistry import HostileRegistry
 
@@ -196,7 +196,7 @@ def convert_measured(*args: str, timeout: float = 120) -> tuple[int, str, int]:
     """`liftoff convert ARGS` in a child process: (exit code, stderr, the child's own peak RSS in bytes)."""
     with tempfile.TemporaryFile() as err:
         child = subprocess.Popen(
-            [sys.executable, "-m", "layerstore.cli", "convert", *args], stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT
+            [sys.executable, "-m", "liftoff", "convert", *args], stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT
         )
         timer = threading.Timer(timeout, child.kill)
         timer.start()

@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
 
 
 def liftoff(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "layerstore.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "liftoff", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def test_inspect_and_ls_find_an_image_converted_from_a_layout(tmp_path):

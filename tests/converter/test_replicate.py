@@ -7,8 +7,8 @@ import json
 import pytest
 
 from layerstore.layout import CHUNKS, IMAGES
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.stores import open_store
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
 from tests.conftest import run_cli
 from tests.converter.images import CHUNK, kitchen_sink_layers, many_files_layer
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from layerstore.localservices import push_layout, start_registry
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
+from liftoff.devstack.services import push_layout, start_registry
 from tests.conftest import REGISTRY_CREDENTIALS, run_cli
 from tests.converter.tokenauth import TokenServer
 

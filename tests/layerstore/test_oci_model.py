@@ -22,7 +22,6 @@ from layerstore.oci.auth import (
     parse_challenge,
     token_from_response,
 )
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.oci.manifest import (
     MAX_INDEX_DEPTH,
     Index,
@@ -40,6 +39,7 @@ from layerstore.oci.registry import RegistryClient
 from layerstore.oci.source import LayoutSource
 from layerstore.retry import Backoff
 from layerstore.stores import open_store
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
 
 D = "sha256:" + "a" * 64
 E = "sha256:" + "b" * 64

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import requests
 
-from layerstore.localservices import free_port, push_layout, wait_for_http
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
+from liftoff.devstack.services import free_port, push_layout, wait_for_http
 from tests.conftest import ROOT
 
 OCI_ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
@@ -99,7 +99,7 @@ def start_proxy(
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     cache_dir = workdir / "cache"
-    argv = [sys.executable, "-m", "layerstore.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache_dir)]
+    argv = [sys.executable, "-m", "liftoff", "proxy", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache_dir)]
     for name, url in upstreams:
         argv += ["--upstream", f"{name}={url}"] + (["--plain-http", name] if url.startswith("http://") else [])
     argv += ["--log-level", "info", *extra]

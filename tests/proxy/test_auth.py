@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from layerstore.localservices import start_registry
+from liftoff.devstack.services import start_registry
 from tests.conftest import REGISTRY_CREDENTIALS
 from tests.converter.tokenauth import TokenServer
 from tests.proxy.helpers import push_image, start_proxy, wait_cached

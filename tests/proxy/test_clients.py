@@ -6,8 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from layerstore.localservices import push_layout
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
+from liftoff.devstack.services import push_layout
 from tests.proxy.helpers import digest_of, registry_gets
 
 

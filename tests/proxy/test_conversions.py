@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from layerstore.layout import image_key
-from layerstore.localservices import push_layout
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.stores import open_store
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
+from liftoff.devstack.services import push_layout
 from tests.faultproxy import FaultProxy
 from tests.proxy.helpers import OCI_ACCEPT, push_image, start_proxy
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from layerstore.digests import chain_ids
-from layerstore.localservices import Containerd, Service, push_layout, start_containerd, start_snapshotter
-from layerstore.oci.builder import LayoutWriter
+from layerstore.procs import Service
+from liftoff.devstack.ocibuild import LayoutWriter
+from liftoff.devstack.services import push_layout
+from snapshotter.localnode import Containerd, start_containerd, start_snapshotter
 from tests.snapshotter.helpers import BUSYBOX, app_layers, diff_id, small_layers
 
 IMAGE_CONFIG = {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}

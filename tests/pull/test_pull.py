@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from layerstore.localservices import free_port, start_containerd
+from liftoff.devstack.services import free_port
 from snapshotter.containerd_api import ContainerdClient
+from snapshotter.localnode import start_containerd
 from tests.conftest import ROOT, run_cli
 from tests.pull.conftest import start_stack
 from tests.pull.helpers import (
@@ -131,7 +132,7 @@ def test_index_pulls_the_requested_platform(stack, index_image, ns):
 
 
 def test_concurrent_pulls_of_one_image_both_succeed(stack, docker_image, ns):
-    argv = [sys.executable, "-m", "layerstore.cli", "pull", docker_image.ref, "--address", stack.address]
+    argv = [sys.executable, "-m", "liftoff", "pull", docker_image.ref, "--address", stack.address]
     argv += ["--plain-http", "--namespace", ns, "--json"]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
     outputs = [p.communicate(timeout=120) for p in procs]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from layerstore.localservices import start_containerd
+from snapshotter.localnode import start_containerd
 from tests.conftest import run_cli
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from layerstore.localservices import Containerd, Service, push_layout, start_containerd, start_fused, start_snapshotter
-from layerstore.oci.builder import LayoutWriter
+from layerstore.procs import Service
+from liftoff.devstack.ocibuild import LayoutWriter
+from liftoff.devstack.services import push_layout
 from snapshotter.fuse_control import FusedClient
+from snapshotter.localnode import Containerd, start_containerd, start_fused, start_snapshotter
 from tests.conftest import ROOT
 from tests.remote.images import conformance_layers
 from tests.snapshotter.helpers import SnapshotsClient, chain_ids, diff_id
@@ -43,7 +45,7 @@ def build_image(tmp_path_factory, registry, name: str, layers: list[bytes], comp
 
 def convert(image: Image, store_url: str, *extra: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "layerstore.cli", "convert", image.ref, "--plain-http", "--store", store_url, "--json", *extra],
+        [sys.executable, "-m", "liftoff", "convert", image.ref, "--plain-http", "--store", store_url, "--json", *extra],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -136,7 +138,7 @@ def liftoff_pull(stack: Stack, ref: str, namespace: str = "default") -> dict:
         [
             sys.executable,
             "-m",
-            "layerstore.cli",
+            "liftoff",
             "pull",
             ref,
             "--address",

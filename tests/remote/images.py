@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from layerstore.oci.builder import Member, make_tar
+from liftoff.devstack.ocibuild import Member, make_tar
 from tests.converter.images import CAPABILITY, NON_UTF8
 from tests.snapshotter.helpers import APPLETS, BUSYBOX
 

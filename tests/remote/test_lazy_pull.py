@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from layerstore.oci.builder import Member, make_tar
+from liftoff.devstack.ocibuild import Member, make_tar
 from tests.remote.conftest import build_image, convert, liftoff_pull, start_stack, stop_fused
 from tests.remote.images import conformance_layers
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from layerstore.localservices import push_layout
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
+from liftoff.devstack.services import push_layout
 from tests.remote.conftest import Image, Stack, convert, liftoff_pull, start_stack
 from tests.remote.helpers import Snapshots
 from tests.snapshotter.helpers import APPLETS, BUSYBOX, chain_ids, diff_id
@@ -257,8 +257,9 @@ def test_state_an_older_liftoff_left_open_is_made_private_at_start(tmp_path):
     """Directories and files of an older snapshotter root, FUSE daemon and cache are tightened, contents kept."""
     import hashlib
 
-    from layerstore.cache import ChunkCache
     from snapshotter.fuse_daemon import FuseDaemon
+
+    from layerstore.cache import ChunkCache
     from snapshotter.layout import Layout
 
     root = tmp_path / "root"

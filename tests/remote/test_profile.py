@@ -12,8 +12,8 @@ from converter.upload import ChunkUploader
 from layerstore.catalog import find_image, load_index
 from layerstore.index import decompress_chunk
 from layerstore.layout import chunk_key
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
 from layerstore.stores import StoreChain, open_store
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
 from tests.conftest import run_cli
 from tests.converter.images import oracle_entries, stored_entries
 from tests.remote.conftest import convert, liftoff_pull, start_stack

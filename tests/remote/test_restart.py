@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from layerstore.localservices import start_snapshotter
+from snapshotter.localnode import start_snapshotter
 from tests.remote.conftest import convert, liftoff_pull, start_stack, stop_fused
 
 LOOP = (

@@ -39,7 +39,7 @@ def test_vllm_replica_streams_from_s3(s3_server, tmp_path):
     import ray
     from ray import serve
 
-    from layerstore.localservices import free_port
+    from liftoff.devstack.services import free_port
     from serve_integration.llm import build_vllm_app
 
     config = transformers.LlamaConfig(

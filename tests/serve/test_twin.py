@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from layerstore.localservices import free_port
+from liftoff.devstack.services import free_port
 from serve_integration.examples.tinylm import TinyConfig, TinyLM, save_checkpoint
 from serve_integration.examples.twin import build_twin_app, empty_model, load_downloading, load_streaming
 from serve_integration.replica import ReplicaOptions

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from layerstore.localservices import Containerd, Service, free_port, push_layout, start_containerd, start_snapshotter
-from layerstore.oci.builder import LayoutWriter
+from layerstore.procs import Service
+from liftoff.devstack.ocibuild import LayoutWriter
+from liftoff.devstack.services import free_port, push_layout
+from snapshotter.localnode import Containerd, start_containerd, start_snapshotter
 from tests.snapshotter.helpers import BUSYBOX, SnapshotsClient, app_layers, chain_ids, diff_id, small_layers
 
 IMAGE_CONFIG = {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}

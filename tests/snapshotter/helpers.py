@@ -13,9 +13,9 @@ from pathlib import Path
 
 import grpc
 
-from layerstore.oci.builder import Member, make_tar
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from liftoff.devstack.ocibuild import Member, make_tar
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ["sh", "ls", "cat", "echo", "rm", "find", "sort", "stat", "mkdir", "touch", "sha256sum", "id", "sleep"]

@@ -39,7 +39,7 @@ def test_sigterm_as_soon_as_the_socket_appears_stops_cleanly(tmp_path):
     """A supervisor (or containerd's conformance suite) may stop the snapshotter the moment its socket
     appears: that must be the clean stop (exit 0, socket removed), never death by the default signal action."""
     sock = tmp_path / "run" / "s.sock"
-    argv = [sys.executable, "-m", "layerstore.cli", "snapshotter", "--root", str(tmp_path / "root"), "--socket", str(sock)]
+    argv = [sys.executable, "-m", "liftoff", "snapshotter", "--root", str(tmp_path / "root"), "--socket", str(sock)]
     with open(tmp_path / "log", "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=log)
     deadline = time.monotonic() + 60

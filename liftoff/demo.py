@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from layerstore.errors import LiftoffError
-from layerstore.localservices import push_layout, start_containerd, start_registry, start_s3, start_snapshotter
-from layerstore.oci.builder import LayoutWriter, Member, make_tar
+from liftoff.devstack.ocibuild import LayoutWriter, Member, make_tar
+from liftoff.devstack.services import push_layout, start_registry, start_s3
+from snapshotter.localnode import start_containerd, start_snapshotter
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ["sh", "cat", "echo", "ls", "wc", "head", "sha256sum"]
@@ -63,7 +64,7 @@ def sample_layers(runtime_mb: int = 160) -> list[bytes]:
 
 def _liftoff(*args: str, env: dict | None = None) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "layerstore.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+        [sys.executable, "-m", "liftoff", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
     )
     if done.returncode != 0:
         raise LiftoffError(f"liftoff {args[0]} failed: {done.stderr.strip()}")
@@ -179,7 +180,7 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> dict:
         from snapshotter.fuse_control import FusedClient
 
         fused = FusedClient(work / "snapshotter" / "remote" / "fused.sock")
-        fetched = fused.call("status")["fetch"]
+        fetched = fused.status().fetch
         say("4. the sample app, started both ways:")
         for line in lazy_out.strip().splitlines():
             say(f"     | {line}")
@@ -191,8 +192,8 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> dict:
             plain_run=plain_run,
             lazy_pull=lazy_pull,
             lazy_run=lazy_run,
-            fetched_bytes=fetched["bytes"],
-            fetched_chunks=fetched["chunks"],
+            fetched_bytes=fetched.bytes,
+            fetched_chunks=fetched.chunks,
             lazy_blob_gets=lazy_blobs,
         )
         say("")
@@ -204,7 +205,7 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> dict:
         say(
             f"   {'liftoff (lazy, profiled)':28}{lazy_pull:9.2f}{lazy_run:9.2f}{lazy_pull + lazy_run:9.2f}   "
             f"{lazy_blobs} registry blob GET (config), "
-            f"{fetched['chunks']} chunks = {fetched['bytes'] / 1e6:.2f} MB from the store"
+            f"{fetched.chunks} chunks = {fetched.bytes / 1e6:.2f} MB from the store"
         )
         results.update(stream_sample_model(work, s3, say))
         return results

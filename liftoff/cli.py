@@ -3,7 +3,8 @@
 Each component registers its own subcommands (a `register(subparsers)`
 function in its `cli` module). Only the module that owns the command being
 run is imported, so `liftoff convert` never pays for torch or ray; `--help`
-imports them all.
+imports them all. Components share the store options through
+`layerstore.stores.options`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ COMPONENTS = [
     "weightstream.cli",
     "registry_proxy.cli",
     "serve_integration.compaction.cli",
-    "layerstore.demo",
+    "liftoff.demo",
 ]
 # Which component registers each top-level command.
 COMMANDS = {
@@ -39,28 +40,9 @@ COMMANDS = {
     "profile": "snapshotter.cli",
     "weights": "weightstream.cli",
     "compact": "serve_integration.compaction.cli",
-    "demo": "layerstore.demo",
+    "demo": "liftoff.demo",
     "proxy": "registry_proxy.cli",
 }
-
-
-def add_store_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """--store (repeatable, priority order) and the S3 connection options."""
-    parser.add_argument(
-        "--store",
-        action="append",
-        required=required,
-        metavar="URL",
-        help="store URL: file:///path or s3://bucket/prefix (repeat: own region first)",
-    )
-    parser.add_argument("--endpoint-url", help="S3 endpoint for s3:// stores (default: AWS configuration)")
-    parser.add_argument("--region", help="S3 region (default: AWS configuration)")
-    parser.add_argument("--path-style", action="store_true", help="path-style S3 addressing (most S3-compatible servers)")
-
-
-def store_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments for layerstore.stores.open_store from parsed options."""
-    return {"endpoint_url": args.endpoint_url, "region": args.region, "path_style": args.path_style or None}
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
