@@ -69,7 +69,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--readahead", type=size_arg(), default="128K", help="FUSE readahead of the liftoff views")
-    parser.add_argument("--backend", default="kernel", choices=["kernel", "fusepy"], help="FUSE implementation")
     args = parser.parse_args()
     layout = ensure_images()
     for stale in WORK.glob("mnt-*"):
@@ -90,7 +89,7 @@ def main() -> None:
         )
         fused = start_fused(
             WORK / "root" / "remote",
-            ["--store", store, "--backend", args.backend, "--max-readahead", str(args.readahead)],
+            ["--store", store, "--max-readahead", str(args.readahead)],
             workdir=WORK,
         )
         snapshotter = start_snapshotter(
@@ -137,7 +136,7 @@ def main() -> None:
         print(table(["measurement (median)", "overlayfs s", "liftoff s", "liftoff/overlayfs", ""], rows))
         print(
             f"machine: {machine()}; load average {load_average():.1f}; FUSE fetch stats: "
-            f"{FusedClient(WORK / 'root' / 'remote' / 'fused.sock').call('status')['fetch']}"
+            f"{FusedClient(WORK / 'root' / 'remote' / 'fused.sock').status().fetch}".replace("\n", " ")
         )
     finally:
         for target in mounted:

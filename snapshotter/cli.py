@@ -57,12 +57,6 @@ def register(subparsers) -> None:
         "--cache-size", type=size_arg(), default=DEFAULT_CACHE_SIZE, help=f"chunk cache cap (default {DEFAULT_CACHE_SIZE})"
     )
     f.add_argument(
-        "--backend",
-        choices=["kernel", "fusepy"],
-        default="kernel",
-        help="FUSE implementation: our kernel-protocol server (default) or fusepy/libfuse2 (for comparison)",
-    )
-    f.add_argument(
         "--max-readahead", type=size_arg(), default="128K", help="FUSE readahead the kernel may do per file (default 128K)"
     )
     f.add_argument("--prefetch-threads", type=int, default=16, help="concurrent fetches of a startup profile (default 16)")
@@ -220,9 +214,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return serve(args.root, args.socket, args.metrics)
     remote_root = Path(args.root).absolute() / "remote"
     if args.no_start_fused:
-        from snapshotter.fuse_control import FusedClient
+        from snapshotter.fuse_control import SNAPSHOTTER_NEEDS, FusedClient
 
-        fused = FusedClient(remote_root / "fused.sock")
+        fused = FusedClient(remote_root / "fused.sock", needs=SNAPSHOTTER_NEEDS)  # checked at its first use
     else:
         fused = ensure_fused(
             remote_root,
@@ -243,13 +237,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_fused(args: argparse.Namespace) -> int:
     from layerstore.stores import open_stores
-    from snapshotter.fuse_daemon import run
+    from snapshotter.fused.daemon import run
 
     return run(
         args.root,
         open_stores(args.store, **store_options(args)),
         args.cache_size,
-        backend=args.backend,
         max_readahead=args.max_readahead,
         prefetch_threads=args.prefetch_threads,
         fill_rate=float(args.fill_rate),

@@ -13,12 +13,21 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import NamedTuple
 
 from layerstore.errors import LiftoffError
 from layerstore.fetch import ChunkFetcher
 from snapshotter.fuse_tree import View
 
 log = logging.getLogger(__name__)
+
+
+class ProfileChunk(NamedTuple):
+    """A chunk of a startup profile: its raw sha256, uncompressed size and the layer whose index names it."""
+
+    sha256: bytes
+    size: int
+    layer: str = ""
 
 
 class Prefetcher:
@@ -43,13 +52,13 @@ class Prefetcher:
             self._claimed.add(image)
             return True
 
-    def start(self, label: str, view: View | None, profile: list[dict] | None) -> None:
+    def start(self, label: str, view: View | None, profile: list[ProfileChunk] | None) -> None:
         """Prefetch `profile` (then fill the view's layers, if configured and a view is given) in the background."""
         threading.Thread(target=self._run, args=(label, view, profile or []), name=f"prefetch-{label[:8]}", daemon=True).start()
 
-    def _run(self, label: str, view: View | None, profile: list[dict]) -> None:
+    def _run(self, label: str, view: View | None, profile: list[ProfileChunk]) -> None:
         started = time.monotonic()
-        futures = [self.pool.submit(self._one, bytes.fromhex(c["sha256"]), c["size"], c.get("layer", "")) for c in profile]
+        futures = [self.pool.submit(self._one, c.sha256, c.size, c.layer) for c in profile]
         wait(futures)
         failed = sum(1 for f in futures if f.exception() is not None)
         seconds = time.monotonic() - started

@@ -33,7 +33,7 @@ from layerstore.oci.registry import RegistryClient
 from layerstore.records import ImageRecord
 from layerstore.stores import Store, StoreChain
 from snapshotter import pull as pulling
-from snapshotter.fuse_control import FusedClient, view_id
+from snapshotter.fuse_control import PROFILE_NEEDS, FusedClient, view_id
 from snapshotter.localnode import start_containerd, start_snapshotter
 from snapshotter.profile import summarize
 
@@ -176,9 +176,10 @@ def record_profile(
             containerd = start_containerd(workdir / "containerd", socket)
             services.append(containerd)
             address = containerd.address
-            fused = FusedClient(workdir / "root" / "remote" / "fused.sock")
+            fused = FusedClient(workdir / "root" / "remote" / "fused.sock", needs=PROFILE_NEEDS)
         else:
-            fused = FusedClient(fused_socket)
+            fused = FusedClient(fused_socket, needs=PROFILE_NEEDS)
+            fused.check(PROFILE_NEEDS)  # before the pull: a daemon that cannot record is named now
         pulling.pull(
             image,
             address,
@@ -189,13 +190,13 @@ def record_profile(
             platform=platform,
         )
         view = view_id(layers, False)
-        fused.call("record", view=view, layers=layers, layers_below=False)
+        fused.start_recording(view, layers, False)
         drop_caches()
         started = time.monotonic()
         try:
             ended, output = run_container(address, image, list(command or []), until_line, seconds, timeout, net_host)
         finally:
-            trace = fused.call("record-stop", view=view)["trace"]
+            trace = fused.stop_recording(view)
         trace.update(command=list(command or []), ended=ended, seconds=round(time.monotonic() - started, 3), starts=1)
         del output
         if relayout and trace.get("ranges"):

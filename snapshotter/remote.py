@@ -10,7 +10,7 @@ A Prepare without the label (plain `ctr image pull`, `ctr image import`) is an o
 snapshot, always: answering ALREADY_EXISTS there fails the pull.
 
 Mounts: each run of remote layers in a chain is one merged, read-only FUSE view served
-by the FUSE daemon (fuse_daemon.py), used as one overlay lowerdir.
+by the FUSE daemon (snapshotter/fused/), used as one overlay lowerdir.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from layerstore.private import private_dir
 from layerstore.records import ChainRecord, ImageRecord
 from layerstore.stores import Store, StoreChain
 from snapshotter.errors import AlreadyExists, NotFound
-from snapshotter.fuse_control import FusedClient, view_id
-from snapshotter.fuse_daemon import IndexDir
+from snapshotter.fuse_control import SNAPSHOTTER_NEEDS, FusedClient, FusedUnavailable, view_id
+from snapshotter.fused.indexes import IndexDir
 from snapshotter.layout import Layout
 from snapshotter.metadata import Kind, Snapshot
 from snapshotter.store import PrepareRequest, SnapshotStore
@@ -169,7 +169,7 @@ class RemoteLayers:
                     list(pool.map(self.fetch_index, missing))
             profile = (record.profile or {}).get("chunks") if isinstance(record, ImageRecord) else None
             if profile:
-                self.fused.call("prefetch", image=manifest, profile=profile)
+                self.fused.prefetch(manifest, profile)
                 log.info("prefetching the %d-chunk startup profile of %s", len(profile), manifest)
         except (LiftoffError, ObjectNotFound) as e:
             log.info("no early prefetch for %s: %s", manifest, e)
@@ -192,14 +192,7 @@ class RemoteLayers:
             if record is None:
                 return  # not the top of a converted image: the view is mounted when a container needs it
             profile = (record.profile or {}).get("chunks")
-            self.fused.call(
-                "mount",
-                view=view_id(layers, False),
-                layers=layers,
-                layers_below=False,
-                profile=profile,
-                image=record.manifest_digest,
-            )
+            self.fused.mount(view_id(layers, False), layers, False, profile=profile, image=record.manifest_digest)
             log.info(
                 "mounted the view of %s early%s",
                 record.manifest_digest,
@@ -245,11 +238,10 @@ class RemoteLayers:
         live = [s for s in store.meta.list(None) if is_remote(s)]
         live_layers = sorted({s.labels[REMOTE_LAYER_LABEL] for s in live})
         try:
-            views = self.fused.call("views")["views"]
-            for vid, spec in views.items():
-                if not set(spec["layers"]) <= set(live_layers):
-                    self.fused.call("unmount", view=vid)
-            self.fused.call("retain", layers=live_layers)
+            for vid, spec in self.fused.views().items():
+                if not set(spec.layers) <= set(live_layers):
+                    self.fused.unmount(vid)
+            self.fused.retain(live_layers)
         except LiftoffError as e:
             log.warning("could not release the space of removed remote layers: %s", e)
 
@@ -280,18 +272,22 @@ class RemoteLayout(Layout):
     def _view(self, run: list[Snapshot], layers_below: bool) -> Path:
         layers = [s.labels[REMOTE_LAYER_LABEL] for s in reversed(run)]  # bottom first
         vid = view_id(layers, layers_below)
-        reply = self.remote.fused.call("mount", view=vid, layers=layers, layers_below=layers_below)
-        return Path(reply["mountpoint"])
+        return self.remote.fused.mount(vid, layers, layers_below)
 
 
 def ensure_fused(root: Path, store_args: list[str], cache_size: str, log_level: str, timeout: float = 30.0) -> FusedClient:
     """Connect to the FUSE daemon under `root`, starting it (in its own session) if it is not running.
 
-    Under systemd the daemon has its own unit; this start is for hosts without one.
+    Under systemd the daemon has its own unit; this start is for hosts without one. A running daemon
+    that lacks what this snapshotter needs is not replaced: FusedIncompatible names both versions.
     """
-    client = FusedClient(root / "fused.sock")
-    if client.alive():
+    client = FusedClient(root / "fused.sock", needs=SNAPSHOTTER_NEEDS)
+    try:
+        client.check(SNAPSHOTTER_NEEDS)
         return client
+    except FusedUnavailable:
+        if client.listening() is None:
+            raise  # something holds the socket but does not answer: a second daemon would not help
     private_dir(root)  # and its missing parents, the snapshotter's root among them: image bytes live here
     argv = [
         sys.executable,
@@ -311,6 +307,7 @@ def ensure_fused(root: Path, store_args: list[str], cache_size: str, log_level: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if client.alive():
+            client.check(SNAPSHOTTER_NEEDS)
             log.info("started the FUSE daemon for %s", root)
             return client
         time.sleep(0.05)

@@ -109,15 +109,8 @@ class Stack:
 
 
 def stop_fused(client: FusedClient, timeout: float = 10.0) -> None:
-    """Ask the FUSE daemon to exit and wait until its socket is gone."""
-    import time
-
-    if not client.alive():
-        return
-    client.call("shutdown")
-    deadline = time.monotonic() + timeout
-    while client.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """Ask the FUSE daemon to exit and wait until it stops answering."""
+    client.shutdown(timeout)
 
 
 def start_stack(workdir: Path, store_url: str, *extra: str, cri: bool = False, fused_args: list[str] | None = None) -> Stack:

@@ -45,7 +45,7 @@ def test_transient_faults_are_retried(faulty, conformance_image):
     done = run(stack, conformance_image, "flaky", *RUN)
     assert done.returncode == 0 and done.stdout == "lazily started\nNAME=liftoff-test\nVERSION=2\n", done.stderr
     assert not proxy.faults, "every fault was met by a fetch"
-    fetch = stack.fused().call("status")["fetch"]
+    fetch = stack.fused().status().fetch
     assert fetch["failures"] == 0 and fetch["retries"] >= 2, fetch
     log = (stack.workdir / "fused.log").read_text()
     # the corrupt bodies were caught (by S3's response checksum, else by our sha256), never served

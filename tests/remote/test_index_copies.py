@@ -36,13 +36,13 @@ def test_fused_restarts_from_a_corrupt_local_index_by_fetching_it_again(own_stac
     digests = layer_digests(convert(conformance_image, stack.store_url))
     liftoff_pull(stack, conformance_image.ref)
     out = stack.containerd.ctr("run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "warm", "/app/run.sh")
-    views = stack.fused().call("views")["views"]
+    views = stack.fused().views()
     assert len(views) == 1
     stop_fused(stack.fused())
     for digest in digests:
         corrupt(local_index(stack, digest))
     stack.restart_snapshotter()  # starts the FUSE daemon again: it re-mounts the view
-    assert stack.fused().call("views")["views"] == views
+    assert stack.fused().views() == views
     for digest in digests:  # replaced by the store's (sound) copy
         assert local_index(stack, digest).read_bytes() == (store / layer_index_key(digest)).read_bytes()
     again = stack.containerd.ctr("run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "again", "/app/run.sh")
@@ -73,7 +73,7 @@ def test_corrupt_local_index_and_unreachable_store_are_both_named(own_stack, con
     store.rename(hidden)  # the store is now unreachable
     try:
         stack.restart_snapshotter()
-        assert stack.fused().call("views")["views"] == {}  # the view cannot come back yet
+        assert stack.fused().views() == {}  # the view cannot come back yet
         lines = [line for line in log.read_text()[logged:].splitlines() if "cannot restore view" in line]
         assert len(lines) == 1, log.read_text()[logged:]
         assert f"local index of {digests[-1]}: corrupt or truncated index" in lines[0]

@@ -24,14 +24,14 @@ def test_liftoff_pull_fetches_no_layer_blob_and_runs(stack, conformance_image, r
     assert registry.blob_gets() - before == 1  # the config; never a layer
     out = stack.containerd.ctr("run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "lazy-run", *RUN)
     assert out == EXPECTED
-    status = stack.fused().call("status")
+    status = stack.fused().status()
     image_bytes = sum(len(t) for t in conformance_image.layers)
-    assert 0 < status["fetch"]["bytes"] < image_bytes / 4, status  # only what the start read
+    assert 0 < status.fetch.bytes < image_bytes / 4, status  # only what the start read
     # a second container of the same image shares the view and fetches nothing more
-    fetched = status["fetch"]["chunks"]
+    fetched = status.fetch.chunks
     again = stack.containerd.ctr("run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "lazy-run-2", *RUN)
     assert again == EXPECTED
-    assert stack.fused().call("status")["fetch"]["chunks"] == fetched
+    assert stack.fused().status().fetch.chunks == fetched
 
 
 def test_mixed_image_remote_base_local_top(stack, conformance_image, registry, tmp_path_factory):
@@ -87,17 +87,17 @@ def test_cache_cap_and_image_removal_release_space(small_cache_stack, conformanc
         "cat /app/model.bin /lib/big.so | sha256sum >/dev/null && echo read",
     )
     assert out == "read\n"
-    cache = stack.fused().call("status")["cache"]
-    assert cache["bytes"] <= 2 << 20 and cache["evictions"] > 0, cache
-    assert stack.fused().call("views")["views"], "the view of the image is mounted"
+    cache = stack.fused().status().cache
+    assert cache.bytes <= 2 << 20 and cache.evictions > 0, cache
+    assert stack.fused().views(), "the view of the image is mounted"
     stack.containerd.ctr("image", "rm", "--sync", conformance_image.ref)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        status = stack.fused().call("status")
-        if status["cache"]["chunks"] == 0 and not status["views"]:
+        status = stack.fused().status()
+        if status.cache.chunks == 0 and not status.views:
             break
         time.sleep(0.2)
-    assert status["cache"]["chunks"] == 0 and not status["views"], status
+    assert status.cache.chunks == 0 and not status.views, status
     stop_fused(stack.fused())
 
 

@@ -257,9 +257,8 @@ def test_state_an_older_liftoff_left_open_is_made_private_at_start(tmp_path):
     """Directories and files of an older snapshotter root, FUSE daemon and cache are tightened, contents kept."""
     import hashlib
 
-    from snapshotter.fuse_daemon import FuseDaemon
-
     from layerstore.cache import ChunkCache
+    from snapshotter.fused.daemon import FuseDaemon
     from snapshotter.layout import Layout
 
     root = tmp_path / "root"
@@ -302,20 +301,3 @@ def test_a_shared_directory_is_refused_as_a_root(tmp_path):
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     made = private_dir(tmp_path / "new" / "remote")
     assert stat.S_IMODE(made.parent.stat().st_mode) == stat.S_IMODE(made.stat().st_mode) == 0o700
-
-
-def test_fusepy_views_are_mounted_nosuid_nodev_too(tmp_path_factory, image):
-    _supported()
-    store = tmp_path_factory.mktemp("privacy-fusepy-store")
-    stack = start_stack(tmp_path_factory.mktemp("privacy-fusepy"), f"file://{store}", fused_args=["--backend", "fusepy"])
-    try:
-        convert(image, stack.store_url)
-        liftoff_pull(stack, image.ref)
-        out = run_in_container(stack, image, "liftoff", "privacy-fusepy", "--allow-new-privs")
-        assert out.splitlines()[:4] == ["euid=0", str(NOBODY), "null-written", "4"], out
-        mounts = fuse_mounts(stack.root)
-        assert mounts
-        for mountpoint, options in mounts:
-            assert {"nosuid", "nodev", "ro"} <= options, (mountpoint, options)
-    finally:
-        stack.stop()

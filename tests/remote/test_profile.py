@@ -48,9 +48,9 @@ def test_record_relayout_and_prefetch(tmp_path_factory, conformance_image, store
         liftoff_pull(stack, conformance_image.ref)
         first = stack.containerd.ctr("run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "p1", *COMMAND)
         assert first.startswith("NAME=liftoff-test")
-        status = stack.fused().call("status")
-        assert status["prefetch"]["profile_chunks"] == len(profile["chunks"])
-        assert status["fetch"]["chunks"] == len(profile["chunks"]), status  # every read was covered by the profile
+        status = stack.fused().status()
+        assert status.prefetch.profile_chunks == len(profile["chunks"])
+        assert status.fetch.chunks == len(profile["chunks"]), status  # every read was covered by the profile
     finally:
         stack.stop()
 

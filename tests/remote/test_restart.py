@@ -75,14 +75,14 @@ def test_fuse_daemon_restarts_from_local_state_without_the_store(own_stack, conf
     convert(conformance_image, stack.store_url)
     liftoff_pull(stack, conformance_image.ref)
     out = stack.containerd.ctr("run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "warm", "/app/run.sh")
-    views = stack.fused().call("views")["views"]
+    views = stack.fused().views()
     assert len(views) == 1
     stop_fused(stack.fused())
     hidden = tmp_path / "store-away"
     os.rename(store, hidden)  # the store is now unreachable
     try:
         stack.restart_snapshotter()  # starts the FUSE daemon again: it re-mounts from local state alone
-        assert stack.fused().call("views")["views"] == views
+        assert stack.fused().views() == views
         again = stack.containerd.ctr("run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "cached", "/app/run.sh")
         assert again == out  # served from the cache: the store was not needed
         # a read of a chunk that is not cached waits (retrying) until the store answers again
