@@ -46,7 +46,7 @@ def test_transient_faults_are_retried(faulty, conformance_image):
     assert done.returncode == 0 and done.stdout == "lazily started\nNAME=liftoff-test\nVERSION=2\n", done.stderr
     assert not proxy.faults, "every fault was met by a fetch"
     fetch = stack.fused().status().fetch
-    assert fetch["failures"] == 0 and fetch["retries"] >= 2, fetch
+    assert fetch.failures == 0 and fetch.retries >= 2, fetch
     log = (stack.workdir / "fused.log").read_text()
     # the corrupt bodies were caught (by S3's response checksum, else by our sha256), never served
     assert "did not match calculated checksum" in log or "does not match its digest" in log
