@@ -2,9 +2,14 @@
 
 import argparse
 import importlib
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from layerstore import __version__
 from liftoff import cli
 from tests.conftest import run_cli
 
@@ -51,3 +56,13 @@ def test_a_bad_size_is_a_usage_error_naming_the_option(command, args, option):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"liftoff {command}: error: argument {option}: '10X' is not a size"), done.stderr
+
+
+def test_the_installed_command_is_liftoff_cli_main():
+    """The `liftoff` console script of the liftoff-serving distribution runs liftoff.cli:main, which the
+    foundation does not hold (layerstore imports no component: tests/test_layers.py)."""
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="liftoff")
+    assert (script.value, script.dist.name) == ("liftoff.cli:main", "liftoff-serving")
+    assert script.load() is cli.main
+    done = subprocess.run([Path(sys.executable).parent / "liftoff", "--version"], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0 and done.stdout.strip() == f"liftoff {__version__}", done.stderr

@@ -1,6 +1,6 @@
-"""The weights-only distribution (packaging/weights, liftoff-weights): built with pip, it holds weightstream and only
-the foundation modules it imports, declares the vLLM plugin, and works installed on its own, next to torch and boto3
-but without the repository, grpc, protobuf or zstandard."""
+"""The weights-only distribution (packaging/weights, liftoff-weights): built with pip, it holds weightstream, only the
+foundation modules it imports and the Ray Serve glue, declares the vLLM plugin, and works installed on its own, next to
+torch and boto3 but without the repository, grpc, protobuf or zstandard."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FOUNDATION = {f"layerstore/{name}.py" for name in ("__init__", "errors", "retry", "s3url", "units")}
+SERVE_GLUE = {f"serve_integration/{name}.py" for name in ("__init__", "apps", "llm", "replica")}
 
 # Run with -I -S: no repository, no current directory, no .pth files (so not the editable install of liftoff-serving);
 # only the installed wheel and the site-packages that hold torch and boto3, with grpc/protobuf/zstandard blocked.
@@ -30,7 +31,8 @@ for name in ("grpc", "google.protobuf", "zstandard"):
 names = sys.argv[4:]
 for name in names:
     importlib.import_module(name)
-ours = sorted(m for m in sys.modules if m.split(".")[0] in ("weightstream", "layerstore", "liftoff", "converter", "snapshotter"))
+tops = ("weightstream", "layerstore", "liftoff", "converter", "snapshotter", "serve_integration")
+ours = sorted(m for m in sys.modules if m.split(".")[0] in tops)
 outside = [m for m in ours if not (getattr(sys.modules[m], "__file__", "") or "").startswith(target)]
 import weightstream
 state = weightstream.load("file://" + model)
@@ -65,7 +67,7 @@ def test_the_wheel_holds_weightstream_and_only_the_foundation_it_imports(wheel):
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
     code = {n for n in names if not n.startswith(info)}
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "weightstream").rglob("*.py") if "__pycache__" not in p.parts}
-    assert code == expected | FOUNDATION
+    assert code == expected | FOUNDATION | SERVE_GLUE
     assert "Name: liftoff-weights\n" in metadata
     requires = sorted(line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: "))
     assert requires == ["boto3>=1.35", "torch"]
@@ -97,7 +99,8 @@ def test_the_installed_wheel_loads_weights_alone(wheel, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    assert result["outside"] == [] and "layerstore.s3url" in result["modules"] and "weightstream.cli" in result["modules"]
+    assert result["outside"] == [], result["outside"]
+    assert {"layerstore.s3url", "weightstream.cli", "serve_integration.apps", "serve_integration.llm"} <= set(result["modules"])
     assert ["liftoff_weights", "weightstream.vllm_plugin:register", "liftoff-weights"] in result["plugins"]
     assert result["state"] == {"w": [0.0, 1.0, 2.0, 3.0]}
 

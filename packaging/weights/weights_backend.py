@@ -1,8 +1,9 @@
 """A PEP 517 backend (stdlib only) that builds the liftoff-weights wheel from the repository's sources.
 
-setuptools ships whole packages; this wheel must ship `weightstream` and only the foundation modules it
-imports (FOUNDATION), so it writes the wheel itself: the files, METADATA and entry points from
-pyproject.toml, RECORD. tests/test_packaging.py builds it with pip and imports it in isolation.
+setuptools ships whole packages; this wheel must ship `weightstream`, only the foundation modules it imports
+(FOUNDATION) and the Serve glue without compaction or examples (SERVE_GLUE), so it writes the wheel itself: the
+files, METADATA and entry points from pyproject.toml, RECORD. tests/test_packaging.py builds it with pip and
+imports it in isolation.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PACKAGES = ["weightstream"]
 FOUNDATION = [f"layerstore/{name}.py" for name in ("__init__", "errors", "retry", "s3url", "units")]
+# the Ray Serve glue (deploy/k8s/rayservice.yaml's import_path): ray only, the image's own; not compaction/ or examples/
+SERVE_GLUE = [f"serve_integration/{name}.py" for name in ("__init__", "apps", "llm", "replica")]
 
 
 def version() -> str:
@@ -31,7 +34,7 @@ def version() -> str:
 def sources() -> list[str]:
     """Repository-relative paths of the modules the wheel ships."""
     files = [str(p.relative_to(ROOT)) for name in PACKAGES for p in sorted((ROOT / name).rglob("*.py"))]
-    return [f for f in files if "__pycache__" not in f] + FOUNDATION
+    return [f for f in files if "__pycache__" not in f] + FOUNDATION + SERVE_GLUE
 
 
 def _metadata(project: dict, dist_version: str) -> str:
@@ -69,7 +72,7 @@ def build_wheel(wheel_directory: str, config_settings: dict | None = None, metad
         (f"{info}/METADATA", _metadata(project, dist_version).encode()),
         (f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: liftoff weights_backend\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
         (f"{info}/entry_points.txt", _entry_points(project).encode()),
-        (f"{info}/top_level.txt", b"layerstore\nweightstream\n"),
+        (f"{info}/top_level.txt", b"layerstore\nserve_integration\nweightstream\n"),
     ]
     record = "\n".join(_record_line(name, data) for name, data in members) + f"\n{info}/RECORD,,\n"
     name = f"{stem}-py3-none-any.whl"
