@@ -78,7 +78,32 @@ def register(subparsers) -> None:
         default=0.0,
         help="record the first N seconds of reads of every new view as a trace for `liftoff profile --merge` (default 0: off)",
     )
+    f.add_argument(
+        "--fd-holder",
+        metavar="SOCKET",
+        help="keep the views' FUSE connections in the `liftoff fdholder` at SOCKET, so that they outlive this daemon "
+        "(Kubernetes); under systemd with FileDescriptorStoreMax= its fd store is used without this",
+    )
+    f.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the views over from the daemon serving ROOT (an upgrade: it hands over its connections and exits)",
+    )
+    f.add_argument(
+        "--no-resend",
+        dest="resend",
+        action="store_false",
+        help="do not ask the kernel (6.9+) to resend the requests a dead daemon left unanswered (for tests of older kernels)",
+    )
     f.set_defaults(run=run_fused)
+    h = subparsers.add_parser(
+        "fdholder",
+        help="keep the FUSE daemon's connections (its /dev/fuse descriptors) while it restarts",
+        description="Hold the FUSE daemon's /dev/fuse descriptors on a unix socket, so that a crash, restart or upgrade "
+        "of `liftoff fused --fd-holder SOCKET` never ends running containers' mounts. It does nothing else.",
+    )
+    h.add_argument("--socket", required=True, help="unix socket to serve on (0600)")
+    h.set_defaults(run=run_fdholder)
     register_profile(subparsers)
 
 
@@ -235,14 +260,24 @@ def run_serve(args: argparse.Namespace) -> int:
     )
 
 
+def run_fdholder(args: argparse.Namespace) -> int:
+    from snapshotter.fdholder import run
+
+    return run(args)
+
+
 def run_fused(args: argparse.Namespace) -> int:
     from layerstore.stores import open_stores
     from snapshotter.fused.daemon import run
+    from snapshotter.fused.fdstore import open_fd_store
 
     return run(
         args.root,
         open_stores(args.store, **store_options(args)),
         args.cache_size,
+        fd_store=open_fd_store(args.fd_holder),
+        takeover=args.takeover,
+        resend=args.resend,
         max_readahead=args.max_readahead,
         prefetch_threads=args.prefetch_threads,
         fill_rate=float(args.fill_rate),

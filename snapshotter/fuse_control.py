@@ -28,7 +28,7 @@ from layerstore.pb.liftoff.fused.v1 import fused_pb2_grpc as pb_grpc
 
 API_VERSION = "liftoff.fused.v1"
 # What this build's daemon serves (one per RPC group; additions to v1 add new names, e.g. "handover").
-CAPABILITIES = ("mount", "prefetch", "record", "unmount", "views", "retain", "status", "shutdown")
+CAPABILITIES = ("mount", "prefetch", "record", "unmount", "views", "retain", "status", "shutdown", "handover")
 SNAPSHOTTER_NEEDS = ("mount", "prefetch", "unmount", "views", "retain")
 PROFILE_NEEDS = ("mount", "record")
 MAX_MESSAGE = 64 << 20
@@ -305,6 +305,13 @@ class FusedClient:
 
     def status(self) -> pb.GetStatusResponse:
         return _typed(pb.GetStatusResponse, self._call("GetStatus", pb.GetStatusRequest()))
+
+    def handover(self, fd_socket: str) -> str:
+        """Ask the daemon to hand its views over to a new daemon that receives their descriptors at
+        `fd_socket` (in the daemon's root); returns the old daemon's description. The old daemon exits."""
+        version = self.check(["handover"])
+        self._invoke("Handover", pb.HandoverRequest(fd_socket=fd_socket, new_version=__version__), self.timeout)
+        return describe(version)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the daemon to unmount everything and exit; wait until it stops answering."""

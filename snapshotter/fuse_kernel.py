@@ -28,6 +28,12 @@ NO_OPEN_SUPPORT = 1 << 17
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
+INIT_EXT = 1 << 30  # the kernel's INIT carries flags2 (the upper 32 flag bits)
+HAS_RESEND = 1 << (39 - 32)  # in flags2: the kernel takes NOTIFY_RESEND (7.40, Linux 6.9)
+
+# notifications: an unsolicited write of OUT_HEADER with unique 0 and error = the code
+NOTIFY_RESEND = 7  # put every request read but not answered back on the queue
+UNIQUE_RESEND = 1 << 63  # set in the unique of a request the kernel queued again
 
 # open reply flags
 FOPEN_KEEP_CACHE = 1 << 1
@@ -36,6 +42,7 @@ FOPEN_CACHE_DIR = 1 << 3
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
 INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags (flags2 and more follow on new kernels)
+INIT_IN_FLAGS2 = struct.Struct("<I")  # at INIT_IN.size, when flags has INIT_EXT
 INIT_OUT = struct.Struct(
     "<IIIIHHIIHHI"
 )  # ... max_background, congestion_threshold, max_write, time_gran, max_pages, map_alignment, flags2

@@ -11,14 +11,22 @@ round trips; page cache and directory listings kept), cached symlinks, readdirpl
 listing carries every entry's attributes), 1 MiB reads, parallel directory operations,
 asynchronous reads. Entries, attributes and negative lookups are valid for a day: layers
 are immutable.
+
+A connection outlives the daemon: the mount's /dev/fuse descriptor is also kept by an fd store
+(fused/fdstore.py), and a new daemon attaches to it (`attach`) with what INIT negotiated (the
+kernel sends INIT once per connection), then asks the kernel to queue again the requests the
+old daemon had read but not answered (NOTIFY_RESEND, Linux 6.9+). `stop_serving` stops
+reading and answers what is in flight, for a handover.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
+import select
 import stat
 import threading
 from collections.abc import Callable
@@ -139,7 +147,15 @@ class FuseSession:
         self.fd = -1
         self.mountpoint: Path | None = None
         self.flags = 0  # what INIT negotiated
+        self.kernel_minor = 0
+        self.kernel_resend = False  # the kernel offered HAS_RESEND at INIT
         self.initialized = threading.Event()
+        self.on_gone: Callable[[FuseSession], None] | None = None  # the connection ended (ENODEV)
+        self._stopping = False
+        self._gone = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._inflight = 0  # reads handed to the fetch pool and not answered yet
+        self._inflight_done = threading.Condition()
         self.requests: dict[int, int] = {}  # opcode -> count
         self._threads: list[threading.Thread] = []
         self._entries: dict[int, bytes] = {}  # ino -> entry_out (valid for as long as we run)
@@ -179,14 +195,57 @@ class FuseSession:
             os.close(self.fd)
             raise OSError(err, f"mount of view {self.label} at {mountpoint}: {os.strerror(err)}")
         self.mountpoint = mountpoint
-        for i in range(self.readers):
-            thread = threading.Thread(target=self._serve, name=f"fuse-{self.label[:8]}-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._start_readers()
         st = os.stat(mountpoint)  # makes the kernel send INIT; returns once it is answered
         if not self.initialized.wait(timeout):
             raise OSError(errno.ETIMEDOUT, f"view {self.label}: no INIT from the kernel")
         self._set_readahead(st.st_dev)
+
+    def init_state(self) -> dict:
+        """What INIT negotiated, for the view's record: a daemon that attaches later gets no INIT."""
+        return {"minor": self.kernel_minor, "flags": self.flags, "resend": self.kernel_resend}
+
+    def attach(self, fd: int, mountpoint: Path, init: dict, resend: bool = True) -> bool:
+        """Serve a connection an earlier daemon mounted (its /dev/fuse descriptor `fd`, INIT long
+        answered: `init` is what it negotiated). With `resend` and a kernel that has it, the requests
+        the old daemon read but never answered are queued again; returns whether that was asked."""
+        self.fd = fd
+        self.mountpoint = mountpoint
+        self.flags = int(init["flags"])
+        self.kernel_minor = int(init["minor"])
+        self.kernel_resend = bool(init.get("resend"))
+        self.initialized.set()
+        self._start_readers()
+        if not (resend and self.kernel_resend):
+            return False
+        try:
+            os.write(fd, k.OUT_HEADER.pack(k.OUT_HEADER.size, k.NOTIFY_RESEND, 0))
+        except OSError as e:
+            log.warning(
+                "view %s: the kernel refused NOTIFY_RESEND (%s): requests in flight at the restart are lost", self.label, e
+            )
+            return False
+        return True
+
+    def _start_readers(self) -> None:
+        # Non-blocking, so that readers can be told to stop (handover); a reader polls when idle.
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        for i in range(self.readers):
+            thread = threading.Thread(target=self._serve, name=f"fuse-{self.label[:8]}-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop_serving(self, timeout: float) -> int:
+        """Stop reading requests (a handover: the connection stays, its queue waits for the next
+        daemon), then wait up to `timeout` s for the reads in flight to be answered; returns how
+        many were not (the next daemon's NOTIFY_RESEND queues those again)."""
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        for thread in self._threads:
+            thread.join(timeout)
+        with self._inflight_done:
+            self._inflight_done.wait_for(lambda: self._inflight == 0, timeout)
+            return self._inflight
 
     def _set_readahead(self, device: int) -> None:
         """The kernel caps a FUSE mount's readahead at its default (128 KiB) whatever INIT asks;
@@ -214,13 +273,20 @@ class FuseSession:
     # -- the request loop ------------------------------------------------------------------
 
     def _serve(self) -> None:
-        while True:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stopping:
             try:
                 data = os.read(self.fd, READ_BUFFER)
+            except BlockingIOError:
+                poller.poll()  # a request, the connection's end, or stop_serving
+                continue
             except OSError as e:
-                if e.errno == errno.ENODEV:  # unmounted
+                if e.errno == errno.ENODEV:  # unmounted and unused, or aborted: the connection is over
+                    self._ended()
                     return
-                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                if e.errno in (errno.EINTR, errno.ENOENT):
                     continue
                 log.error("view %s: reading /dev/fuse: %s", self.label, e)
                 return
@@ -230,6 +296,14 @@ class FuseSession:
             except Exception:
                 # Unanswered, the request would keep its reader in uninterruptible sleep for good.
                 self._failed(unique, opcode)
+
+    def _ended(self) -> None:
+        with self._inflight_done:
+            if self._gone:
+                return
+            self._gone = True
+        if self.on_gone is not None:
+            self.on_gone(self)
 
     def _failed(self, unique: int, opcode: int) -> None:
         """A handler raised: log it once and answer EIO (unless the kernel expects no answer)."""
@@ -272,9 +346,11 @@ class FuseSession:
             self._reply(unique, error=errno.EPROTO)
             return
         self.flags = flags & _WANT
-        out = k.INIT_OUT.pack(
-            k.KERNEL_MAJOR, min(minor, k.KERNEL_MINOR), max_readahead, self.flags, 64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0
-        )
+        self.kernel_minor = min(minor, k.KERNEL_MINOR)
+        if flags & k.INIT_EXT and len(body) >= k.INIT_IN.size + k.INIT_IN_FLAGS2.size:
+            (flags2,) = k.INIT_IN_FLAGS2.unpack_from(body, k.INIT_IN.size)
+            self.kernel_resend = bool(flags2 & k.HAS_RESEND)
+        out = k.INIT_OUT.pack(k.KERNEL_MAJOR, self.kernel_minor, max_readahead, self.flags, 64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0)
         self._reply(unique, out + bytes(k.INIT_OUT_SIZE - len(out)))
         self.initialized.set()
         log.debug("view %s: INIT kernel 7.%d, flags %#x", self.label, minor, self.flags)
@@ -329,7 +405,17 @@ class FuseSession:
         if all(chunk.sha256 in cache for chunk, _, _ in pieces):
             self._answer_read(unique, node, pieces)
         else:
-            self.pool.submit(self._answer_read, unique, node, pieces)
+            with self._inflight_done:
+                self._inflight += 1
+            self.pool.submit(self._answer_pooled, unique, node, pieces)
+
+    def _answer_pooled(self, unique: int, node: Node, pieces) -> None:
+        try:
+            self._answer_read(unique, node, pieces)
+        finally:
+            with self._inflight_done:
+                self._inflight -= 1
+                self._inflight_done.notify_all()
 
     def _answer_read(self, unique: int, node: Node, pieces) -> None:
         layer = self.view.layers[node.layer].layer_digest if node.layer >= 0 else ""

@@ -35,6 +35,11 @@ WORKERS = 16
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
+def build_version() -> str:
+    """This build's version; LIFTOFF_FUSED_BUILD_VERSION overrides it (tests of an upgrade handover)."""
+    return os.environ.get("LIFTOFF_FUSED_BUILD_VERSION") or __version__
+
+
 class BadRequest(LiftoffError):
     """A request that breaks the contract."""
 
@@ -95,8 +100,17 @@ class FusedService(pb_grpc.FusedServicer):
 
     def GetVersion(self, request: pb.GetVersionRequest, context: grpc.ServicerContext) -> pb.GetVersionResponse:
         return pb.GetVersionResponse(
-            build_version=__version__, api_versions=[fuse_control.API_VERSION], capabilities=fuse_control.CAPABILITIES
+            build_version=build_version(), api_versions=[fuse_control.API_VERSION], capabilities=fuse_control.CAPABILITIES
         )
+
+    @_rpc
+    def Handover(self, request: pb.HandoverRequest) -> pb.HandoverResponse:
+        path = request.fd_socket
+        if not path.startswith("/") or Path(path).parent != self.daemon.root:
+            raise BadRequest(f"the handover socket {path!r} is not in {self.daemon.root}")
+        log.info("handing the views over to a new daemon (%s)", request.new_version or "?")
+        views, unanswered = self.daemon.hand_over(path)
+        return pb.HandoverResponse(view_ids=views, unanswered=unanswered)
 
     @_rpc
     def Mount(self, request: pb.MountRequest) -> pb.MountResponse:
@@ -172,6 +186,7 @@ class FusedService(pb_grpc.FusedServicer):
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownResponse:
         log.info("shutdown requested")
+        self.daemon.shutdown_requested = True
         self.daemon.stopping.set()
         return pb.ShutdownResponse()
 

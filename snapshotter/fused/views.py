@@ -1,12 +1,24 @@
 """View lifecycle: mount a merged view of remote layers, record it in views/<id>.json, unmount it,
-and mount every recorded view again at start (from local indexes alone, so without a store)."""
+and at start take every recorded view back (from local indexes alone, so without a store).
+
+A mounted view's /dev/fuse descriptor is also kept in the fd store (fdstore.py), and its record
+holds what INIT negotiated and a digest of its inode table. A new daemon that finds both
+re-attaches to the same connection: running containers keep their mounts and the kernel
+queues again what the old daemon left unanswered. Inode numbers are assigned by a walk of the
+tree merged from the indexes (fuse_tree.View._number), so the same indexes give the same
+numbers; the digest proves it before a connection is re-attached. A view whose rebuilt table
+differs is never served on its old connection (the kernel would get other files for the inode
+numbers it holds): the connection is ended (its readers get ENOTCONN at once instead of wrong
+bytes or ESTALE) and the view is mounted afresh for new containers."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +32,7 @@ from layerstore.private import private_dir, restrict_file, write_private
 from snapshotter.fuse_control import view_id as make_view_id
 from snapshotter.fuse_server import FuseSession, lazy_unmount
 from snapshotter.fuse_tree import View
+from snapshotter.fused.fdstore import FdStore
 from snapshotter.fused.indexes import IndexDir
 
 log = logging.getLogger(__name__)
@@ -34,15 +47,46 @@ class ViewSpec:
     layers_below: bool
 
 
+_NODE = struct.Struct("<QIQIIIqQI")
+
+
+def inode_digest(view: View) -> str:
+    """A digest of everything the kernel may hold about the view's inodes (numbers, types, sizes,
+    owners, times, link counts, names in each directory): equal digests, same answers."""
+    h = hashlib.sha256()
+    for node in view.nodes[1:]:
+        if node is None:
+            continue
+        h.update(
+            _NODE.pack(
+                node.ino, node.mode, node.size, node.uid, node.gid, node.nlink, node.mtime_ns, node.rdev, len(node.children or ())
+            )
+        )
+        if node.children:
+            for name, child in node.children.items():
+                h.update(struct.pack("<IQ", len(name), child.ino) + name)
+    return h.hexdigest()
+
+
+@dataclass
+class Record:
+    """A view's record, views/<id>.json: the view, and what a new daemon needs to re-attach to its connection."""
+
+    spec: ViewSpec
+    init: dict | None = None  # what INIT negotiated (FuseSession.init_state)
+    inodes: str = ""  # inode_digest of the view served
+
+
 class MountedView:
     """A view being served by its FuseSession."""
 
-    def __init__(self, spec: ViewSpec, view: View, mountpoint: Path, session: FuseSession) -> None:
+    def __init__(self, spec: ViewSpec, view: View, mountpoint: Path, session: FuseSession, inodes: str = "") -> None:
         self.spec = spec
         self.id = spec.view_id
         self.view = view
         self.mountpoint = mountpoint
         self.session = session
+        self.inodes = inodes
 
     def alive(self) -> bool:
         return self.session.alive()
@@ -67,11 +111,16 @@ class Views:
         fetcher: ChunkFetcher,
         fetch_pool: ThreadPoolExecutor,
         max_readahead: int = 128 << 10,
+        fd_store: FdStore | None = None,
+        resend: bool = True,
     ) -> None:
         self.indexes = indexes
         self.fetcher = fetcher
         self.fetch_pool = fetch_pool
         self.max_readahead = max_readahead
+        self.fd_store = fd_store or FdStore()
+        self.resend = resend
+        self.resent = 0  # connections whose unanswered requests were queued again at attach
         self.records = private_dir(root / "views")
         for path in self.records.iterdir():
             restrict_file(path)  # view records an older liftoff wrote world-readable
@@ -79,14 +128,87 @@ class Views:
         self._views: dict[str, MountedView] = {}
         self._lock = threading.RLock()
 
-    def recorded(self) -> Iterator[ViewSpec | tuple[str, Exception]]:
-        """The views recorded in views/ (what to mount at start), or (name, error) for an unreadable record."""
+    def recorded(self) -> Iterator[Record | tuple[str, Exception]]:
+        """The views recorded in views/ (what to serve at start), or (name, error) for an unreadable record."""
         for path in sorted(self.records.glob("*.json")):
             try:
-                spec = json.loads(path.read_text())
-                yield ViewSpec(spec["view"], list(spec["layers"]), bool(spec["layers_below"]))
+                doc = json.loads(path.read_text())
+                spec = ViewSpec(doc["view"], list(doc["layers"]), bool(doc["layers_below"]))
+                init = doc.get("init")
+                if init is not None:
+                    init = {"minor": int(init["minor"]), "flags": int(init["flags"]), "resend": bool(init["resend"])}
+                yield Record(spec, init, str(doc.get("inodes", "")))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 yield path.stem, e
+
+    def attach(self, record: Record, fd: int) -> MountedView | None:
+        """Serve a recorded view on the connection an earlier daemon left (`fd`); None, with the
+        connection ended, where that cannot be done safely (then mount() it afresh)."""
+        spec = record.spec
+        with self._lock:
+            mountpoint = self.mnt / spec.view_id
+            why = None
+            view = None
+            if record.init is None or not record.inodes:
+                why = "its record has no INIT state (written by an older liftoff)"
+            elif str(mountpoint) not in _fuse_mounts():
+                why = f"nothing is mounted at {mountpoint} any more"
+            else:
+                view = View([self.indexes.load(d) for d in spec.layers], spec.layers_below)
+                digest = inode_digest(view)
+                if digest != record.inodes:
+                    why = f"its inode table rebuilt from the local indexes differs ({digest[:12]}, recorded {record.inodes[:12]})"
+            if why is not None or view is None:
+                log.error(
+                    "view %s: not re-attaching its FUSE connection: %s; ending it and mounting the view afresh", spec.view_id, why
+                )
+                self._forget_fd(spec.view_id, fd)
+                return None
+            session = FuseSession(view, self.fetcher, spec.view_id, self.fetch_pool, max_readahead=self.max_readahead)
+            session.on_gone = self._gone
+            assert record.init is not None
+            if session.attach(fd, mountpoint, record.init, self.resend):
+                self.resent += 1
+            mounted = self._views[spec.view_id] = MountedView(spec, view, mountpoint, session, record.inodes)
+            try:
+                self.fd_store.put(spec.view_id, fd)  # a store that restarted meanwhile (or a handover) has it again
+            except LiftoffError as e:
+                log.warning("view %s: %s", spec.view_id, e)
+            log.info("re-attached view %s (%d inodes) at %s", spec.view_id, len(view.nodes) - 1, mountpoint)
+            return mounted
+
+    def _forget_fd(self, view_id: str, fd: int) -> None:
+        """Drop a connection: out of the store, and our descriptor closed (the last one ends it)."""
+        try:
+            self.fd_store.remove(view_id)
+        except LiftoffError as e:
+            log.warning("view %s: %s", view_id, e)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _gone(self, session: FuseSession) -> None:
+        """A connection ended (unmounted and unused, or aborted): nothing keeps its descriptor any more."""
+        with self._lock:
+            mounted = self._views.get(session.label)
+            if mounted is not None and mounted.session is not session:  # mounted again meanwhile: the name is its
+                os.close(session.fd)
+                return
+            self._views.pop(session.label, None)
+            self._forget_fd(session.label, session.fd)
+        log.info("view %s: its FUSE connection ended", session.label)
+
+    def stop_all(self, timeout: float) -> tuple[dict[str, int], int]:
+        """Stop serving every view without unmounting (a handover); returns their descriptors by
+        view id and how many reads in flight were left unanswered (the next daemon has them resent)."""
+        with self._lock:
+            views = list(self._views.values())
+        unanswered = 0
+        for mounted in views:
+            mounted.session.on_gone = None
+            unanswered += mounted.session.stop_serving(timeout)
+        return {m.id: m.session.fd for m in views}, unanswered
 
     def get(self, view_id: str) -> MountedView | None:
         with self._lock:
@@ -107,17 +229,23 @@ class Views:
             started = time.monotonic()
             view = View([self.indexes.load(d) for d in spec.layers], spec.layers_below)
             mountpoint = self.mnt / spec.view_id
-            if _is_stale(mountpoint) or os.path.ismount(mountpoint):
+            if str(mountpoint) in _fuse_mounts() or _is_stale(mountpoint):
                 log.warning("clearing a stale mount at %s", mountpoint)
                 lazy_unmount(mountpoint)
             mountpoint.mkdir(mode=0o700, exist_ok=True)
             session = FuseSession(view, self.fetcher, spec.view_id, self.fetch_pool, max_readahead=self.max_readahead)
+            session.on_gone = self._gone
             try:
                 session.mount(mountpoint)
             except OSError as e:
                 raise LiftoffError(f"mounting view {spec.view_id} at {mountpoint} failed: {e}") from None
-            mounted = self._views[spec.view_id] = MountedView(spec, view, mountpoint, session)
-            self._write_record(spec)
+            digest = inode_digest(view)
+            mounted = self._views[spec.view_id] = MountedView(spec, view, mountpoint, session, digest)
+            self._write_record(Record(spec, session.init_state(), digest))
+            try:
+                self.fd_store.put(spec.view_id, session.fd)
+            except LiftoffError as e:
+                log.warning("view %s: %s: it will not survive a restart of this daemon", spec.view_id, e)
             log.info(
                 "mounted view %s (%d layers, %d inodes) at %s in %.3f s",
                 spec.view_id,
@@ -128,21 +256,34 @@ class Views:
             )
             return mounted, True
 
-    def _write_record(self, spec: ViewSpec) -> None:
+    def _write_record(self, record: Record) -> None:
+        spec = record.spec
         path = self.records / f"{spec.view_id}.json"
         tmp = path.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)  # left by a crash (written under the lock)
-        record = {"view": spec.view_id, "layers": spec.layers, "layers_below": spec.layers_below}
-        write_private(tmp, json.dumps(record).encode())
+        doc = {
+            "view": spec.view_id,
+            "layers": spec.layers,
+            "layers_below": spec.layers_below,
+            "init": record.init,
+            "inodes": record.inodes,
+        }
+        write_private(tmp, json.dumps(doc).encode())
         os.rename(tmp, path)
 
     def unmount(self, view_id: str) -> None:
-        """Detach a view (containers still using it keep it until they stop) and forget it."""
+        """Detach a view (containers still using it keep it until they stop, while this daemon runs)
+        and forget it."""
         with self._lock:
             mounted = self._views.pop(view_id, None)
             (self.records / f"{view_id}.json").unlink(missing_ok=True)
+            if mounted is None:
+                try:
+                    self.fd_store.remove(view_id)
+                except LiftoffError as e:
+                    log.warning("view %s: %s", view_id, e)
             mountpoint = mounted.mountpoint if mounted else self.mnt / view_id
-            if os.path.ismount(mountpoint) or _is_stale(mountpoint):
+            if str(mountpoint) in _fuse_mounts() or _is_stale(mountpoint):
                 lazy_unmount(mountpoint)
             try:
                 mountpoint.rmdir()
@@ -158,4 +299,21 @@ class Views:
                     lazy_unmount(mounted.mountpoint)
                 except OSError as e:
                     log.warning("unmounting %s: %s", mounted.mountpoint, e)
+                try:
+                    self.fd_store.remove(mounted.id)
+                except LiftoffError as e:
+                    log.warning("view %s: %s", mounted.id, e)
             self._views.clear()
+
+
+def _fuse_mounts() -> set[str]:
+    """Mount points of liftoff's FUSE views in this mount namespace (from /proc: no stat of a view,
+    which would wait for a daemon that is not serving it yet)."""
+    out = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            if fields[sep + 1] == b"fuse.liftoff":
+                out.add(fields[4].decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape"))
+    return out

@@ -236,3 +236,19 @@ class ShutdownRequest(_message.Message):
 class ShutdownResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class HandoverRequest(_message.Message):
+    __slots__ = ("fd_socket", "new_version")
+    FD_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    fd_socket: str
+    new_version: str
+    def __init__(self, fd_socket: _Optional[str] = ..., new_version: _Optional[str] = ...) -> None: ...
+
+class HandoverResponse(_message.Message):
+    __slots__ = ("view_ids", "unanswered")
+    VIEW_IDS_FIELD_NUMBER: _ClassVar[int]
+    UNANSWERED_FIELD_NUMBER: _ClassVar[int]
+    view_ids: _containers.RepeatedScalarFieldContainer[str]
+    unanswered: int
+    def __init__(self, view_ids: _Optional[_Iterable[str]] = ..., unanswered: _Optional[int] = ...) -> None: ...

@@ -85,6 +85,11 @@ class FusedStub:
                 request_serializer=liftoff_dot_fused_dot_v1_dot_fused__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=liftoff_dot_fused_dot_v1_dot_fused__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.Handover = channel.unary_unary(
+                '/liftoff.fused.v1.Fused/Handover',
+                request_serializer=liftoff_dot_fused_dot_v1_dot_fused__pb2.HandoverRequest.SerializeToString,
+                response_deserializer=liftoff_dot_fused_dot_v1_dot_fused__pb2.HandoverResponse.FromString,
+                _registered_method=True)
 
 
 class FusedServicer:
@@ -167,6 +172,17 @@ class FusedServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Handover(self, request, context):
+        """Hand every view over to a new daemon (started with --takeover) without
+        unmounting: stop reading the views' FUSE connections, answer the reads
+        in flight (a few seconds at most; the new daemon has the kernel resend
+        the rest), send the descriptors to `fd_socket`, then exit. The new daemon
+        answers the requests queued meanwhile. Capability "handover".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FusedServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +235,11 @@ def add_FusedServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=liftoff_dot_fused_dot_v1_dot_fused__pb2.ShutdownRequest.FromString,
                     response_serializer=liftoff_dot_fused_dot_v1_dot_fused__pb2.ShutdownResponse.SerializeToString,
+            ),
+            'Handover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Handover,
+                    request_deserializer=liftoff_dot_fused_dot_v1_dot_fused__pb2.HandoverRequest.FromString,
+                    response_serializer=liftoff_dot_fused_dot_v1_dot_fused__pb2.HandoverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +512,33 @@ class Fused:
             '/liftoff.fused.v1.Fused/Shutdown',
             liftoff_dot_fused_dot_v1_dot_fused__pb2.ShutdownRequest.SerializeToString,
             liftoff_dot_fused_dot_v1_dot_fused__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Handover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liftoff.fused.v1.Fused/Handover',
+            liftoff_dot_fused_dot_v1_dot_fused__pb2.HandoverRequest.SerializeToString,
+            liftoff_dot_fused_dot_v1_dot_fused__pb2.HandoverResponse.FromString,
             options,
             channel_credentials,
             insecure,
