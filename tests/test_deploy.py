@@ -80,6 +80,26 @@ def test_systemd_units_run_real_commands():
     fused.optionxform = str
     fused.read(DEPLOY / "liftoff-fused.service")
     assert fused["Service"]["KillMode"] == "process"
+    # its views' FUSE connections outlive it in the unit's fd store (the daemon sends READY=1 and FDSTORE=1)
+    assert fused["Service"]["Type"] == "notify"
+    assert int(fused["Service"]["FileDescriptorStoreMax"]) >= 1024
+
+
+def test_fd_holder_keeps_the_daemons_connections():
+    """Under Kubernetes the FUSE daemon hands its connections to liftoff fdholder, a DaemonSet of its own
+    that is never rolled with liftoff-node, on a hostPath socket both mount."""
+    sets = {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == "DaemonSet"}
+    holder = sets["liftoff-fdholder"]
+    assert holder["spec"]["updateStrategy"]["type"] == "OnDelete"
+    (container,) = holder["spec"]["template"]["spec"]["containers"]
+    parses_as_liftoff(container["args"])
+    socket = _flag(container["args"], "--socket")
+    fused = next(c for c in sets["liftoff-node"]["spec"]["template"]["spec"]["containers"] if c["name"] == "fused")
+    assert _flag(fused["args"], "--fd-holder") == socket
+    for pod, c in ((holder, container), (sets["liftoff-node"], fused)):
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v["hostPath"]["path"] for v in pod["spec"]["template"]["spec"]["volumes"] if "hostPath" in v}
+        assert any(socket.startswith(path + "/") and volumes[name] == path for name, path in mounts.items()), c["name"]
 
 
 def test_rayservice_application_builder():
