@@ -75,11 +75,13 @@ def register(subparsers) -> None:
     p.add_argument("--source", help="also compare every entry with this source image (reference or oci:DIR[:TAG])")
     p.add_argument("--plain-http", action="store_true", help="talk HTTP to the source registry")
     p.add_argument("--docker-config", help="docker config file with credentials")
+    p.add_argument("--json", action="store_true", help="print one JSON object (problems: an error object, exit 4)")
     p.set_defaults(run=run_verify)
 
     p = subparsers.add_parser("rm", help="remove an image from the stores (liftoff gc then frees its chunks)")
     p.add_argument("image", help="manifest digest or the reference it was converted from")
     add_store_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_rm)
 
     p = subparsers.add_parser("gc", help="delete the chunks, indexes and records that no image references")
@@ -226,18 +228,22 @@ def run_verify(args: argparse.Namespace) -> int:
     from converter.verify import verify_image
     from layerstore.oci.source import open_source
 
+    from layerstore.errors import VerificationFailed
+
     source = open_source(args.source, plain_http=args.plain_http, docker_config=args.docker_config) if args.source else None
     try:
-        problems = verify_image(_chain(args), args.image, source)
+        problems = verify_image(_chain(args), args.image, source, report=(lambda _line: None) if args.json else print)
     finally:
         if source is not None:
             source.close()
-    for problem in problems:
-        print(problem, file=sys.stderr)
     if problems:
-        print(f"liftoff: verify found {len(problems)} problem(s)", file=sys.stderr)
-        return 1
-    print("verified")
+        if not args.json:
+            for problem in problems:
+                print(problem, file=sys.stderr)
+        error = VerificationFailed(f"verify found {len(problems)} problem(s) in {args.image}")
+        error.details = {"image": args.image, "problems": problems}  # type: ignore[attr-defined]
+        raise error
+    print(json.dumps({"image": args.image, "verified": True, "problems": []}) if args.json else "verified")
     return 0
 
 
@@ -247,6 +253,9 @@ def run_rm(args: argparse.Namespace) -> int:
 
     stores = open_stores(args.store, **store_options(args))
     removed = remove_image(stores, args.image)
+    if args.json:
+        print(json.dumps({"image": args.image, "removed": removed, "stores": [s.url for s in stores]}))
+        return 0
     print(f"removed {', '.join(removed)} from {', '.join(s.url for s in stores)}")
     print("its chunks stay until `liftoff gc` runs on each store (nodes still running the image keep working until then)")
     return 0

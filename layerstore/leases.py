@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from layerstore.errors import ObjectNotFound, StoreError
+from layerstore.errors import Busy, ObjectNotFound, StoreError
 from layerstore.stores.base import Store
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,10 @@ DEFAULT_TTL = 120.0  # seconds without a heartbeat before a lease counts as its 
 WRITE, GC = "write", "gc"
 
 
-class StoreBusy(StoreError):
-    """The store is leased by the other side (gc, or writers): nothing was changed."""
+class StoreBusy(StoreError, Busy):
+    """The store is leased by the other side (gc, or writers): nothing was changed (exit 3: retry later)."""
+
+    code = "busy"
 
 
 class Lease:

@@ -161,4 +161,9 @@ def test_index_versions_and_damage_are_reported(sink_layout, file_store_url):
     chunk = chunk_key(index.chunks[0].sha256)
     store.put(chunk, store.get(chunk)[:-3] + b"xyz")
     done = run_cli("verify", summary["manifest_digest"], "--store", file_store_url, check=False)
-    assert done.returncode == 1 and index.chunks[0].sha256.hex() in done.stderr
+    assert done.returncode == 4 and index.chunks[0].sha256.hex() in done.stderr  # 4: verification failed
+    assert done.stderr.strip().splitlines()[-1].startswith("liftoff: error: verify found 1 problem(s)")
+    done = run_cli("verify", summary["manifest_digest"], "--store", file_store_url, "--json", check=False)
+    error = json.loads(done.stdout)["error"]
+    assert done.returncode == 4 and (error["code"], error["exit"]) == ("verification_failed", 4)
+    assert any(index.chunks[0].sha256.hex() in problem for problem in error["problems"])

@@ -216,7 +216,7 @@ def test_gc_gives_way_to_a_live_writer_and_ignores_a_dead_one(kind, tmp_path, s3
     writer = hold_lease("write", store_url)
     try:
         done = gc(store_url, check=False)
-        assert done.returncode == 1
+        assert done.returncode == 3  # busy: retry later
         assert "1 writer(s) active" in done.stderr and "a test writer" in done.stderr and "gc changed nothing" in done.stderr
         assert store.size(orphan) is not None
     finally:
