@@ -95,13 +95,38 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print each step as one JSON line")
     p.set_defaults(run=run_loop)
 
-    p = sub.add_parser("simulate", help="replay traffic traces against policies: none, Ray's rule, liftoff, the optimum")
-    p.add_argument("--hours", type=float, default=48.0, help="trace length (default 48)")
-    p.add_argument("--step", type=float, default=60.0, help="seconds per simulated step (default 60)")
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated trace seeds (default 1,2,3)")
+    p = sub.add_parser(
+        "simulate",
+        help="replay traffic against policies: none, Ray's rule, ray-active, Karpenter, liftoff, the optimum",
+        description="Replay a scenario's traffic against compaction policies (the built-in scenario unless --scenario). "
+        "With --load-times, find instead the steady headroom each replica load time needs to meet --slo.",
+    )
+    p.add_argument("--scenario", metavar="FILE", help="a scenario file (.yaml or .toml; see examples/compaction/)")
+    p.add_argument("--hours", type=float, help="trace length (default: the scenario's; built-in 48)")
+    p.add_argument("--step", type=float, help="seconds per simulated step (default: the scenario's; built-in 60)")
+    p.add_argument("--seeds", help="comma-separated trace seeds (default: the scenario's; built-in 1,2,3)")
+    p.add_argument("--policies", help=f"comma-separated, from {','.join(POLICY_NAMES)} (default: all)")
     p.add_argument("--no-advice", action="store_true", help="skip the run where the autoscaler follows node-swap advice")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot $/h and nodes over time per policy (first seed)")
+    p.add_argument(
+        "--load-times",
+        metavar="SPEC",
+        help="headroom comparison: NAME=SECONDS,... (e.g. baseline=600,liftoff=107; NAME=1.5x scales each deployment's "
+        "own load time) or the scale-up benchmark's results file (scaleup.json[#shaped|#unshaped])",
+    )
+    p.add_argument("--slo", type=float, default=0.99, help="fraction of demand to serve within --max-delay (default 0.99)")
+    p.add_argument("--max-delay", type=float, help="queueing delay bound in seconds (default: the scenario's; built-in 30)")
+    p.add_argument(
+        "--headroom",
+        choices=["target", "min-replicas"],
+        default="target",
+        help="the knob: autoscaling target utilization (default) or extra minimum replicas per deployment",
+    )
     p.set_defaults(run=run_simulate)
+
+
+POLICY_NAMES = ("none", "ray", "ray-active", "karpenter", "liftoff", "liftoff+advice", "optimum")
 
 
 def _budget(args: argparse.Namespace):
@@ -287,18 +312,119 @@ def run_loop(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_simulate(args: argparse.Namespace) -> int:
-    from serve_integration.compaction.simulate import format_results, run_seeds
+def parse_load_times(spec: str):
+    """`baseline=600,liftoff=107`, `NAME=1.5x`, or the scale-up benchmark's results file (medians of end-to-end)."""
+    from serve_integration.compaction.simulate import LoadTime
 
+    path, _, setting = spec.partition("#")
+    if path.endswith(".json") or Path(path).is_file():
+        try:
+            report = json.loads(Path(path).read_text())
+            results = report["results"]
+            setting = setting or ("shaped" if "shaped" in results else next(iter(results)))
+            med = {}
+            for loader in ("baseline", "liftoff"):
+                totals = sorted(float(s["total"]) for s in results[setting][loader])
+                med[loader] = totals[len(totals) // 2]
+        except (OSError, ValueError, KeyError, TypeError, StopIteration, IndexError) as e:
+            raise LiftoffError(
+                f"{path}: not a scale-up results file ({e!r}); expected benchmarks/scaleup.py's JSON "
+                '{"results": {"shaped": {"baseline": [{"total": s}], "liftoff": [...]}}}'
+            ) from None
+        if med["baseline"] <= 0:
+            raise LiftoffError(f"{path}: baseline end-to-end time is {med['baseline']:g} s")
+        # the benchmark's replica is a small test model: keep each deployment's own load time as the baseline
+        # and scale it by the measured ratio for liftoff
+        return [LoadTime("baseline", factor=1.0), LoadTime("liftoff", factor=med["liftoff"] / med["baseline"])]
+    out = []
+    for part in spec.split(","):
+        name, eq, raw = part.strip().partition("=")
+        try:
+            if not eq or not name:
+                raise ValueError
+            if raw.strip().endswith("x"):
+                value = float(raw.strip()[:-1])
+                lt = LoadTime(name, factor=value)
+            else:
+                value = float(raw)
+                lt = LoadTime(name, seconds=value)
+            if not value >= 0 or value == float("inf"):
+                raise ValueError
+        except ValueError:
+            raise LiftoffError(
+                f"--load-times: expected NAME=SECONDS[,NAME=SECONDS] (e.g. baseline=600,liftoff=107), "
+                f"NAME=FACTORx, or a scaleup.json file; got {part.strip()!r}"
+            ) from None
+        out.append(lt)
+    return out
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from serve_integration.compaction.simulate import (
+        default_scenario,
+        format_headroom,
+        format_results,
+        headroom,
+        plot_results,
+        run_scenario,
+    )
+
+    if args.scenario:
+        from serve_integration.compaction.scenario import load_scenario
+
+        sc = load_scenario(args.scenario)
+    else:
+        sc = default_scenario()
+    for value, flag in ((args.hours, "--hours"), (args.step, "--step"), (args.max_delay, "--max-delay")):
+        if value is not None and not value > 0:
+            raise LiftoffError(f"{flag} must be > 0, got {value:g}")
+    sc = replace(
+        sc,
+        hours=args.hours or sc.hours,
+        step_s=args.step or sc.step_s,
+        max_delay_s=args.max_delay if args.max_delay is not None else sc.max_delay_s,
+    )
     try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else list(sc.seeds)
     except ValueError:
         raise LiftoffError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    results = run_seeds(seeds, hours=args.hours, step_s=args.step, advice=not args.no_advice)
+    if not seeds:
+        raise LiftoffError("--seeds: give at least one seed")
+    if args.load_times:
+        if not 0.0 < args.slo <= 1.0:
+            raise LiftoffError(f"--slo must be a fraction in (0, 1], got {args.slo:g}")
+        res = headroom(sc, seeds, parse_load_times(args.load_times), slo=args.slo, knob=args.headroom)
+        print(json.dumps(res, indent=1) if args.json else format_headroom(res))
+        return 0
+    policies = None
+    if args.policies:
+        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+        unknown = [p for p in policies if p not in POLICY_NAMES]
+        if unknown or not policies:
+            raise LiftoffError(
+                f"--policies: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(POLICY_NAMES)}"
+            )
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise LiftoffError(f"--plot writes a PNG: give a path ending in .png, got {args.plot!r}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise LiftoffError("--plot needs matplotlib: pip install 'liftoff[compact]'") from None
+    results = run_scenario(sc, seeds, advice=not args.no_advice, policies=policies, series=bool(args.plot))
+    if args.plot:
+        plot_results(results, args.plot)
+        for r in results["per_seed"]:
+            for run in r["runs"].values():
+                run.pop("series", None)
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1, default=lambda o: None))
     else:
         print(format_results(results))
+        if args.plot:
+            print(f"plot: {args.plot}")
     return 0
 
 

@@ -22,7 +22,7 @@ from serve_integration.compaction.cluster import ClusterError, Pricing, RayClust
 from serve_integration.compaction.executor import Executor, ExecutorConfig, Outcome, WaveOutcome
 from serve_integration.compaction.metrics import Metrics
 from serve_integration.compaction.model import ClusterState
-from serve_integration.compaction.planner import Budget, NodeType, Plan, plan
+from serve_integration.compaction.planner import Budget, NodeType, Plan, plan, seconds_of_day
 from serve_integration.compaction.providers import NodeProvider, RayAutoscalerProvider
 from serve_integration.compaction.state import Journal, KVStore, StateStore
 
@@ -154,7 +154,7 @@ class Controller:
         c = self.config
         p = plan(
             state,
-            c.budget,
+            c.budget.at(seconds_of_day(time.time())),  # a time-of-day window in force overrides the budget
             method=c.method,
             time_limit_s=c.time_limit_s,
             node_types=c.node_types,

@@ -119,6 +119,9 @@ class Deployment:
     status: str = "HEALTHY"
     message: str = ""  # Serve's status message (why it is unhealthy)
     graceful_shutdown_timeout_s: float = 20.0
+    # How long a replica takes to load: one that became RUNNING less than this long ago is still warming up
+    # (caches, compiled kernels) and compaction leaves it where it is (0: never treated as warming).
+    load_time_s: float = 0.0
 
     @property
     def key(self) -> str:
@@ -137,6 +140,7 @@ class Replica:
     deployment: str  # Deployment.key
     node_id: str
     state: str = "RUNNING"
+    ready_at: float | None = None  # when it became RUNNING (the snapshot's clock); None: long ago / unknown
 
 
 @dataclass
@@ -195,6 +199,13 @@ class ClusterState:
                 return False, f"node {n.node_id[:12]} is draining"
         return True, ""
 
+    def warming(self, replica: Replica) -> bool:
+        """True if the replica became RUNNING less than its deployment's load time ago (`ready_at` known)."""
+        dep = self.deployments.get(replica.deployment)
+        if dep is None or replica.ready_at is None or dep.load_time_s <= 0:
+            return False
+        return self.taken_at - replica.ready_at < dep.load_time_s
+
     def fingerprint(self) -> str:
         """Identifies the placement (which replicas on which nodes): a plan is only valid for the state it was made from."""
         items = sorted((r.deployment, r.replica_id, r.node_id) for r in self.replicas)
@@ -217,7 +228,10 @@ class ClusterState:
         return ClusterState(
             nodes=dict(self.nodes),
             deployments=dict(self.deployments),
-            replicas=[Replica(r.replica_id, r.deployment, moves.get(r.replica_id, r.node_id), r.state) for r in self.replicas],
+            replicas=[
+                Replica(r.replica_id, r.deployment, moves.get(r.replica_id, r.node_id), r.state, r.ready_at)
+                for r in self.replicas
+            ],
             taken_at=self.taken_at,
             scheduling=self.scheduling,
         )

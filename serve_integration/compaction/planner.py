@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from serve_integration.compaction.model import EPSILON, ClusterState, Deployment, Node, add, fits, subtract
 
@@ -53,6 +53,42 @@ MAX_MILP_VARIABLES = 40_000
 # Node-swap advice only when it cuts the hourly bill by this fraction: a launch costs its boot time and a
 # second migration, and small swaps churn (the simulator's traces: 10% beat 0-5% and 15-25%).
 ADVICE_MIN_FRACTION = 0.10
+
+
+@dataclass(frozen=True)
+class BudgetWindow:
+    """A daily window ("09:00-18:00", may wrap midnight) with its own disruption limits (None: unchanged)."""
+
+    start_s: float
+    end_s: float
+    max_migrations: int | None = None
+    max_draining_nodes: int | None = None
+
+    def covers(self, seconds_of_day: float) -> bool:
+        t = seconds_of_day % 86400.0
+        if self.start_s <= self.end_s:
+            return self.start_s <= t < self.end_s
+        return t >= self.start_s or t < self.end_s
+
+    @classmethod
+    def parse(cls, schedule: str, max_migrations: int | None = None, max_draining_nodes: int | None = None) -> BudgetWindow:
+        """From "HH:MM-HH:MM"; ValueError naming the problem otherwise."""
+        m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", str(schedule))
+        if not m:
+            raise ValueError(f'expected "HH:MM-HH:MM", got {schedule!r}')
+        h1, m1, h2, m2 = (int(g) for g in m.groups())
+        if h1 > 24 or h2 > 24 or m1 > 59 or m2 > 59 or (h1 == 24 and m1) or (h2 == 24 and m2):
+            raise ValueError(f"not a time of day in {schedule!r}")
+        start, end = h1 * 3600 + m1 * 60, h2 * 3600 + m2 * 60
+        if start == end:
+            raise ValueError(f"empty window {schedule!r}")
+        return cls(float(start), float(end), max_migrations, max_draining_nodes)
+
+
+def seconds_of_day(epoch_s: float) -> float:
+    """Local time of day of a wall-clock time, in seconds (the live controller's clock for budget windows)."""
+    t = time.localtime(epoch_s)
+    return t.tm_hour * 3600.0 + t.tm_min * 60.0 + t.tm_sec
 
 
 @dataclass(frozen=True)
@@ -73,6 +109,24 @@ class Budget:
     # many times per unit (GPU, else CPU) than the cheapest node in the cluster it could run on. Keeps
     # premium GPUs free for the models that can only run there (0 disables).
     max_price_ratio: float = 3.0
+    # Migrations one plan may make in all (None: no cap; 0: only empty nodes may go).
+    max_migrations: int | None = None
+    # Never move a replica that became RUNNING less than its deployment's load time ago.
+    protect_warming: bool = True
+    # Time-of-day overrides (e.g. no migrations during the daily peak); `at()` applies the one in force.
+    windows: tuple[BudgetWindow, ...] = ()
+
+    def at(self, seconds_of_day: float) -> Budget:
+        """The budget in force at this time of day: the first window that covers it overrides its fields."""
+        for w in self.windows:
+            if w.covers(seconds_of_day):
+                return replace(
+                    self,
+                    max_migrations=self.max_migrations if w.max_migrations is None else w.max_migrations,
+                    max_draining_nodes=self.max_draining_nodes if w.max_draining_nodes is None else w.max_draining_nodes,
+                    windows=(),
+                )
+        return replace(self, windows=())
 
     def moving_limit(self, replicas: int) -> int:
         """Replicas of a deployment with `replicas` replicas that may migrate at once."""
@@ -234,6 +288,18 @@ def _prepare(state: ClusterState, budget: Budget) -> _Problem:
                 if c > limit[d]:
                     fixed_keep[n] = f"holds {c} replicas of {d}; the budget lets {limit[d]} of its {replicas_of[d]} move at once"
                     break
+            cap = budget.max_migrations
+            if n not in fixed_keep and cap is not None and movable_on[n] > cap:
+                fixed_keep[n] = f"holds {movable_on[n]} replicas; the budget allows {cap} migration(s) per plan now"
+            if n not in fixed_keep and budget.protect_warming:
+                warm = next((r for r in state.replicas if r.node_id == n and state.warming(r)), None)
+                if warm is not None:
+                    dep = state.deployments[warm.deployment]
+                    age = state.taken_at - (warm.ready_at or 0.0)
+                    fixed_keep[n] = (
+                        f"replica {warm.replica_id} of {warm.deployment} is still warming up "
+                        f"(ready {age:.0f}s ago, load time {dep.load_time_s:.0f}s)"
+                    )
     resources = sorted({k for d in deps for k, v in state.deployments[d].demand.items() if v > 0})
     capacity: dict[str, dict[str, float]] = {}
     for n in nodes:
@@ -437,6 +503,13 @@ def _milp(
             entries = [(j, v) for j, v in entries if v > 0]
             if entries:
                 row([*entries, (i, -cap.get(r, 0.0))], -np.inf, EPSILON)
+    cap_moves = prob.budget.max_migrations
+    if cap_moves is not None and not free_repack:
+        # sum of movable replicas on removed nodes <= cap  <=>  sum n_i y_i >= total - cap
+        free_nodes = [n for n in prob.nodes if n not in prob.fixed_keep and n not in prob.fixed_remove and prob.movable_on[n]]
+        total_movable = sum(prob.movable_on[n] for n in free_nodes)
+        if free_nodes and total_movable > cap_moves:
+            row([(index[n], float(prob.movable_on[n])) for n in free_nodes], float(total_movable - cap_moves), np.inf)
     if extra:  # symmetry: use new slots of one type in order
         for t in extra:
             ids = [index[s] for s, _ in slots if s.startswith(f"new:{t.name}:")]
@@ -548,8 +621,12 @@ def _greedy_once(prob: _Problem, order: list[str]) -> _Solution:
         if placed is None:
             raise _Infeasible(f"the replicas of draining node {n[:12]} do not fit on the other nodes")
         received.update(placed.values())
+    moved = 0
+    cap_moves = prob.budget.max_migrations
     for n in order:
         if n in removed or n in prob.fixed_keep or n in received:
+            continue
+        if cap_moves is not None and moved + prob.movable_on[n] > cap_moves:
             continue
         items = [r.deployment for r in state.replicas_on(n)]
         targets = [m for m in prob.nodes if m not in removed and m != n]
@@ -562,6 +639,7 @@ def _greedy_once(prob: _Problem, order: list[str]) -> _Solution:
         counts.clear()
         counts.update(trial_counts)
         removed.add(n)
+        moved += prob.movable_on[n]
         received.update(placed.values())
     keep = {n for n in prob.nodes if n not in removed}
     x = {k: v for k, v in counts.items() if v > 0 and k[1] in keep}
@@ -617,6 +695,8 @@ def _ray_rule_solution(prob: _Problem) -> _Solution | None:
     final, steps = compact_to_fixpoint(prob.state)
     removed = {s.node for s in steps}
     if any(n in prob.fixed_keep for n in removed):
+        return None
+    if prob.budget.max_migrations is not None and sum(prob.movable_on[n] for n in removed) > prob.budget.max_migrations:
         return None
     # A replica moved twice by Ray's rule is one move in ours (it goes straight to its last node).
     keep = {n for n in prob.nodes if n not in removed}
@@ -738,6 +818,12 @@ def validate(state: ClusterState, plan: Plan, budget: Budget) -> list[str]:
         m = state.deployments[d].max_replicas_per_node
         if m and k > m and prob.count.get((d, n), 0) < k:
             errors.append(f"node {n[:12]} holds {k} replicas of {d}, above max_replicas_per_node={m}")
+    if budget.max_migrations is not None and len(moved) > budget.max_migrations:
+        errors.append(f"the plan makes {len(moved)} migrations, budget {budget.max_migrations}")
+    for m in moved.values():
+        r = next((x for x in state.replicas if x.replica_id == m.replica_id), None)
+        if budget.protect_warming and r is not None and state.warming(r):
+            errors.append(f"replica {r.replica_id} of {r.deployment} is moved while still warming up")
     for i, w in enumerate(plan.waves):
         if len(w.nodes) > max(1, budget.max_draining_nodes):
             errors.append(f"wave {i} drains {len(w.nodes)} nodes, budget {budget.max_draining_nodes}")

@@ -144,7 +144,7 @@ def test_traces_are_seeded_and_shaped():
 def test_simulator_runs_every_policy_on_the_same_trace():
     res = run_all(default_scenario(hours=8, step_s=120, seed=2), advice=False)
     runs = res["runs"]
-    assert set(runs) == {"none", "ray", "liftoff", "optimum"}
+    assert set(runs) == {"none", "ray", "ray-active", "karpenter", "liftoff", "optimum"}
     assert runs["none"]["migrations"] == 0 and runs["optimum"]["migrations"] == 0
     lift = runs["liftoff"]
     assert lift["own_bound_dollars"] <= lift["dollars"] + 1e-6  # the per-step optimum is a floor
