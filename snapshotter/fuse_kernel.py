@@ -3,7 +3,7 @@
 liftoff speaks the protocol to /dev/fuse itself instead of through libfuse: that is what
 lets it ask for what moves start time and no Python binding exposes all of (the kernel's
 no-open and no-opendir modes, cached symlinks and directory listings, readdirplus, 1 MiB
-reads), and it keeps a mount's connection in one file descriptor the daemon owns.
+reads), and it keeps a mount's connection in one file descriptor that can outlive the daemon.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
     views.py      view lifecycle: mount, unmount, restore at start from views/*.json
     recording.py  recording a view's reads (liftoff profile, --learn-seconds)
     retention.py  dropping the cached chunks and indexes of removed layers
+    fdstore.py    where the views' /dev/fuse descriptors outlive the daemon (systemd, fd holder)
     control.py    the liftoff.fused.v1 gRPC service on fused.sock (proto/liftoff/fused/v1)
     daemon.py     wiring it together, startup and the run loop
 
@@ -26,5 +27,8 @@ lower layers with the credentials of whoever mounted it, and checks setuid bits 
 nodes on its own mount).
 
 A restart needs no store: views come back from the local indexes, and only reads of
-chunks not yet cached wait for the stores (retrying) once they answer again.
+chunks not yet cached wait for the stores (retrying) once they answer again. Nor does it end
+a running container's mounts: each view's /dev/fuse descriptor is kept in an fd store
+(fdstore.py: systemd's, or `liftoff fdholder`), and the next daemon re-attaches to the same
+connections (views.py), or takes them over from a running one (Handover, --takeover).
 """

@@ -1,7 +1,7 @@
 /* The restart tests' reader: reads files in a loop, through read(2) or mmap(2), and prints one
  * line per file read: "<CLOCK_MONOTONIC ms> <path> <FNV-1a 64 hex>" or "<ms> <path> ERR <errno>".
  * After each file it drops the file's pages (posix_fadvise DONTNEED), so the next pass asks the
- * FUSE daemon again. Usage: reader read|mmap PAUSE_MS FILE... (forever; static, no libc beyond). */
+ * FUSE daemon again. Usage: reader read|mmap PAUSE_MS FILE... (forever; built -static). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>

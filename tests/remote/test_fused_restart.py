@@ -30,7 +30,7 @@ import pytest
 
 from layerstore.procs import Service, spawn, wait_for_socket
 from liftoff.devstack.ocibuild import Member, make_tar
-from snapshotter.fuse_control import FusedClient
+from snapshotter.fuse_control import FusedClient, FusedUnavailable
 from snapshotter.fuse_tree import View
 from snapshotter.fused.indexes import IndexDir
 from snapshotter.fused.views import Views, inode_digest
@@ -319,8 +319,13 @@ def test_oom_killed_daemon(node, images):
         try:
             (cgroup / "cgroup.procs").write_text(str(node.fused.process.pid))
             usage = int((cgroup / "memory.usage_in_bytes").read_text())
-            (cgroup / "memory.limit_in_bytes").write_text(str(usage + (2 << 20)))
+            (cgroup / "memory.limit_in_bytes").write_text(str(usage + (64 << 10)))  # new memory is charged here
             killed = time.monotonic()
+            for _ in range(20):  # and requests need new memory
+                try:
+                    node.client().status()
+                except FusedUnavailable:
+                    break  # killed already
             node.fused.process.wait(60)  # the readers' fetches need memory: the cgroup's OOM killer strikes
             assert node.fused.process.returncode == -signal.SIGKILL
             assert "oom_kill 1" in (cgroup / "memory.oom_control").read_text()
@@ -406,11 +411,13 @@ def test_without_resend_a_read_in_flight_blocks(node, images):
     is never answered: its reader blocks (killably) in the kernel while every other read goes on."""
     node.kill_fused()
     node.start_fused("--no-resend")
+    hot = node.start_reader(images[0], "hot", "read", [f"/data0/f{i:03d}" for i in range(3)])
+    while len(hot.lines()) < 4:  # its files are cached: it asks the daemon, never the store
+        time.sleep(0.05)
     node.proxy.clear()
     node.proxy.delay_seconds = 3.0
     node.proxy.always("delay")
     reader = node.start_reader(images[2], "stuck", "read", [f"/data2/f{i:03d}" for i in range(50, 60)], pause_ms=0)
-    hot = node.start_reader(images[0], "hot", "read", [f"/data0/f{i:03d}" for i in range(3)])
     time.sleep(1.0)  # "stuck" now waits for a 3 s fetch of its next file
     node.kill_fused()
     node.start_fused("--no-resend")
