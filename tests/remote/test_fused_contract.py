@@ -151,13 +151,13 @@ def test_every_rpc_through_a_real_daemon(daemon):
 
 def test_a_client_needing_a_capability_the_daemon_lacks_names_both_versions(daemon):
     socket_path = daemon.root / "fused.sock"
-    client = FusedClient(socket_path, needs=("mount", "handover"))
+    client = FusedClient(socket_path, needs=("mount", "passthrough"))
     with pytest.raises(FusedIncompatible) as raised:
         client.views()
     message = str(raised.value)
     assert "\n" not in message
     assert message.startswith(f"liftoff fused at {socket_path} is liftoff {__version__} ({API_VERSION}; mount, ")
-    assert message.endswith(f"this liftoff {__version__} needs handover: upgrade liftoff-fused to this liftoff and restart it")
+    assert message.endswith(f"this liftoff {__version__} needs passthrough: upgrade liftoff-fused to this liftoff and restart it")
     assert FusedClient(socket_path, needs=("mount",)).views() == {}
 
 
