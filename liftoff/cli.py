@@ -12,6 +12,7 @@ of `EXIT_CODES`, and as a JSON object on stdout under `--json`.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import json
 import logging
@@ -67,7 +68,7 @@ With --json, a failure also prints {"error": {"code": ..., "message": ..., "exit
 configuration: --config FILE, else $LIFTOFF_CONFIG, else /etc/liftoff/config.toml if it exists; a
 [COMMAND] table per command (keys: its long options), then LIFTOFF_<COMMAND>_<OPTION> variables,
 then flags. `liftoff config show COMMAND` prints the effective settings and their sources."""
-GLOBAL_VALUE_OPTIONS = ("--log-level", "--config")
+GLOBAL_VALUE_OPTIONS = ("--log-level", "--log-format", "--config")
 
 _json_errors = False  # --json is on the command line: errors are also a JSON object on stdout
 
@@ -123,6 +124,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"liftoff {__version__}")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines on stderr as text (default) or as JSON objects, one a line (time, level, logger, message, ...)",
+    )
+    parser.add_argument(
         "--config",
         metavar="FILE",
         help=f"configuration file (default ${config.PATH_ENV}, else {config.DEFAULT_PATH} if it exists)",
@@ -133,6 +140,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name in [owner] if owner else COMPONENTS:
         importlib.import_module(name).register(subparsers)
     return parser
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC, RFC 3339), level, logger, message, pid, thread; exception and stack if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+            "thread": record.threadName,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at `level`, as text or (log_format "json") JSON lines; every daemon logs through this."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def _fail(error: BaseException, code: str, exit_code: int, details: dict | None = None) -> int:
@@ -162,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, e.code, e.exit_code, getattr(e, "details", None))
     args.passthrough = passthrough
     args.settings = settings
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
         return int(args.run(args) or 0)
     except LiftoffError as e:

@@ -95,6 +95,12 @@ def register(subparsers) -> None:
         action="store_false",
         help="do not ask the kernel (6.9+) to resend the requests a dead daemon left unanswered (for tests of older kernels)",
     )
+    f.add_argument(
+        "--metrics-address",
+        metavar="ADDR",
+        help="serve Prometheus metrics (/metrics) and a health check (/healthz: 200 once the views are restored and "
+        "the control socket answers) over HTTP on HOST:PORT or :PORT (default: off)",
+    )
     f.set_defaults(run=run_fused)
     h = subparsers.add_parser(
         "fdholder",
@@ -283,6 +289,7 @@ def run_fused(args: argparse.Namespace) -> int:
         fill_rate=float(args.fill_rate),
         learn_seconds=args.learn_seconds,
         fetch_retry_seconds=args.fetch_retry_seconds,
+        metrics_address=args.metrics_address,
     )
 
 

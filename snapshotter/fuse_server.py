@@ -157,6 +157,7 @@ class FuseSession:
         self._inflight = 0  # reads handed to the fetch pool and not answered yet
         self._inflight_done = threading.Condition()
         self.requests: dict[int, int] = {}  # opcode -> count
+        self.eio = 0  # requests answered EIO (fused's /metrics)
         self._threads: list[threading.Thread] = []
         self._entries: dict[int, bytes] = {}  # ino -> entry_out (valid for as long as we run)
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}
@@ -332,6 +333,8 @@ class FuseSession:
 
     def _reply(self, unique: int, *parts: bytes, error: int = 0) -> None:
         length = k.OUT_HEADER.size + sum(len(p) for p in parts)
+        if error == errno.EIO:
+            self.eio += 1
         try:
             os.writev(self.fd, [k.OUT_HEADER.pack(length, -error, unique), *parts])
         except OSError as e:

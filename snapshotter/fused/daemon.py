@@ -22,6 +22,7 @@ from layerstore.systemd import notify_systemd
 from snapshotter.fused import retention
 from snapshotter.fused.fdstore import FdStore, close_all
 from snapshotter.fused.indexes import IndexDir
+from snapshotter.fused.metrics import FusedMetrics
 from snapshotter.fused.recording import Recordings
 from snapshotter.fused.views import Views, ViewSpec
 from snapshotter.prefetch import Prefetcher, ProfileChunk
@@ -54,6 +55,7 @@ class FuseDaemon:
         fd_store: FdStore | None = None,
         resend: bool = True,
         lock_wait: float = 0.0,
+        metrics: FusedMetrics | None = None,
     ) -> None:
         self.root = private_dir(Path(root).absolute())
         lock_path = self.root / "fused.lock"
@@ -73,13 +75,17 @@ class FuseDaemon:
         self.stores = stores
         self.indexes = IndexDir(self.root / "indexes", stores)
         self.cache = ChunkCache(self.root / "cache", cache_bytes)
-        self.fetcher = ChunkFetcher(stores, self.cache, retry_seconds=fetch_retry_seconds)
+        self.metrics = metrics
+        fetch_stores = [metrics.stores.wrap(s) for s in stores] if metrics else stores  # timed per store
+        self.fetcher = ChunkFetcher(fetch_stores, self.cache, retry_seconds=fetch_retry_seconds)
         self.fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="fetch")
         self.views = Views(self.root, self.indexes, self.fetcher, self.fetch_pool, max_readahead, self.fd_store, resend)
         self.prefetcher = Prefetcher(self.fetcher, prefetch_threads, fill_rate)
         self.recordings = Recordings(self.root / "traces", learn_seconds)
         self.stopping = threading.Event()
         self.shutdown_requested = False  # Shutdown RPC: unmount everything (SIGTERM with an fd store: leave)
+        if metrics is not None:
+            metrics.attach(self)
 
     def restore(self, fds: dict[str, int] | None = None) -> None:
         """Serve every view recorded in views/ (after a restart), from local indexes only: on the
@@ -117,6 +123,8 @@ class FuseDaemon:
         `profile` (once per image) and, with --learn-seconds, records its first seconds."""
         mounted, fresh = self.views.mount(spec)
         if fresh:
+            if self.metrics is not None:
+                self.metrics.prefetching(image, profile)
             if profile or self.prefetcher.fill_rate:
                 self.prefetcher.start(spec.view_id, mounted.view, profile if self.prefetcher.claim(image) else None)
             self.recordings.learn(mounted)
@@ -125,6 +133,8 @@ class FuseDaemon:
     def prefetch(self, image: str, profile: list[ProfileChunk]) -> None:
         """Fetch an image's startup profile into the cache, before any view of it exists (once per image)."""
         if self.prefetcher.claim(image):
+            if self.metrics is not None:
+                self.metrics.prefetching(image, profile)
             self.prefetcher.start(image[7:19] or "?", None, profile)
 
     def start_recording(self, spec: ViewSpec) -> None:
@@ -228,6 +238,7 @@ def run(
     *,
     fd_store: FdStore | None = None,
     takeover: bool = False,
+    metrics_address: str | None = None,
     **options,
 ) -> int:
     """Run the FUSE daemon until SIGTERM/SIGINT, a Shutdown request or a handover to a new daemon."""
@@ -238,8 +249,13 @@ def run(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     fd_store = fd_store or FdStore()
+    metrics = FusedMetrics() if metrics_address else None
+    if metrics is not None:
+        metrics.serve(metrics_address)  # /healthz says 503 until the views are restored
     handed = take_over(private_dir(Path(root).absolute())) if takeover else {}
-    daemon = FuseDaemon(root, stores, cache_bytes, fd_store=fd_store, lock_wait=LOCK_WAIT_SECONDS if takeover else 0.0, **options)
+    daemon = FuseDaemon(
+        root, stores, cache_bytes, fd_store=fd_store, lock_wait=LOCK_WAIT_SECONDS if takeover else 0.0, metrics=metrics, **options
+    )
     daemon.stopping = stop
     fds = fd_store.take()
     for name, fd in handed.items():  # the same connections: keep one descriptor of each
@@ -249,6 +265,8 @@ def run(
     daemon.restore(fds)
     socket_path = daemon.root / SOCKET_NAME
     server = serve_control(daemon, socket_path)
+    if metrics is not None:
+        metrics.serving(socket_path)
     log.info(
         "liftoff FUSE daemon serving %s (%d views, fd store: %s, %d re-attached connections resent)",
         daemon.root,
