@@ -198,6 +198,9 @@ class Settings:
         for action in actions.values():
             by_key[_name(action)] = action
             by_key.setdefault(action.dest, action)
+            for option in action.option_strings:
+                if option.startswith("--"):
+                    by_key.setdefault(option[2:].replace("-", "_"), action)
         subcommands = {name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices}
         title = f"[{'.'.join(path)}]" if path else "the top level"
         found: dict[str, Setting] = {}
