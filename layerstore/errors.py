@@ -1,6 +1,6 @@
 """Errors that carry a one-line, actionable message for the operator.
 
-Each class names its exit status (`exit_code`) and a stable `code` for `--json` error objects, so
+Each class names its exit status (`exit_code`) and a stable `error_code` for `--json` error objects, so
 that CI can tell "retry later" from "the data is bad" from "fix the command line":
 0 ok, 1 error, 2 usage, 3 busy (retry later), 4 verification failed.
 """
@@ -16,55 +16,55 @@ class LiftoffError(Exception):
     """Base class: str(error) is a complete one-line explanation."""
 
     exit_code = EXIT_ERROR
-    code = "error"
+    error_code = "error"
 
 
 class UsageError(LiftoffError):
     """The command line or the configuration file asks for something impossible (as argparse's own errors)."""
 
     exit_code = EXIT_USAGE
-    code = "usage"
+    error_code = "usage"
 
 
 class Busy(LiftoffError):
     """Someone else holds what this needs (a lease, a lock): nothing was changed; run it again later."""
 
     exit_code = EXIT_BUSY
-    code = "busy"
+    error_code = "busy"
 
 
 class VerificationFailed(LiftoffError):
     """A check found stored data corrupt or missing."""
 
     exit_code = EXIT_VERIFY
-    code = "verification_failed"
+    error_code = "verification_failed"
 
 
 class StoreError(LiftoffError):
     """A store could not be read or written (unreachable, denied, broken)."""
 
-    code = "store"
+    error_code = "store"
 
 
 class ObjectNotFound(StoreError):
     """The object does not exist in the store."""
 
-    code = "not_found"
+    error_code = "not_found"
 
 
 class FormatError(LiftoffError):
     """Stored data is malformed: corrupt chunk, truncated index, unknown version."""
 
-    code = "format"
+    error_code = "format"
 
 
 class ImageError(LiftoffError):
     """The source image is malformed or unsupported (bad tar, digest mismatch, media type)."""
 
-    code = "image"
+    error_code = "image"
 
 
 class RegistryError(LiftoffError):
     """A registry refused or failed a request."""
 
-    code = "registry"
+    error_code = "registry"

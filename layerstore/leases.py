@@ -41,7 +41,7 @@ WRITE, GC = "write", "gc"
 class StoreBusy(StoreError, Busy):
     """The store is leased by the other side (gc, or writers): nothing was changed (exit 3: retry later)."""
 
-    code = "busy"
+    error_code = "busy"
 
 
 class Lease:

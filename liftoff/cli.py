@@ -195,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         settings.resolve(args)
     except LiftoffError as e:
-        return _fail(e, e.code, e.exit_code, getattr(e, "details", None))
+        return _fail(e, e.error_code, e.exit_code, getattr(e, "details", None))
     args.passthrough = passthrough
     args.settings = settings
     setup_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
         return int(args.run(args) or 0)
     except LiftoffError as e:
-        return _fail(e, e.code, e.exit_code, getattr(e, "details", None))
+        return _fail(e, e.error_code, e.exit_code, getattr(e, "details", None))
     except KeyboardInterrupt:
         print("liftoff: interrupted", file=sys.stderr)
         return 130
