@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cold start: containerd's own overlayfs pull + run against liftoff's lazy pull + run, side by side.
 
-    scripts/bench coldstart [--runs 3] [--images torch,python] [--settings unshaped,shaped]
+    scripts/bench coldstart [--runs 3] [--images torch,python] [--settings unshaped,shaped] [--keys a,b,c,d]
 
 Images (benchmarks/build_images.py): `torch` (python3 + numpy + torch 2.13 CPU, ~350 MB gzip)
 running `python3 -c "import torch; print(torch.__version__)"`, and `python` (python3 only).
@@ -13,16 +13,20 @@ behind the same userspace shaping proxy (benchmarks/shaping_proxy.py), unshaped 
 
   (a) overlayfs: ctr image pull, then ctr run
   (b) liftoff without a profile: liftoff pull, then ctr run --snapshotter liftoff
-  (c) liftoff with the image's startup profile (recorded once beforehand)
-  (d) warm: the same run again right after (a) and (c)
+  (c) liftoff with the image's startup profile (recorded once beforehand); the FUSE daemon serves
+      whole local files by passthrough where the kernel has it (Linux 6.9+)
+  (d) the same as (c) with `fused --no-passthrough`: every read through the daemon (older kernels)
+  warm: the same run again right after each
 
 Reported: medians (min-max) of pull, run and pull+run seconds, bytes from the registry and the
-store, and the ratios (a)/(c).
+store, the FUSE daemon's CPU seconds over pull + first run and its requests by opcode, and the
+ratios (a)/(c).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from benchmarks.benchlib import drop_caches, liftoff_node, load_average, machine, table
+from benchmarks.benchlib import drop_caches, load_average, machine, table
 from benchmarks.build_images import ensure_images
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, Shaping, ShapingProxy
 from liftoff.devstack.services import push_layout, start_nginx, start_registry
@@ -65,6 +69,8 @@ class Sample:
     warm: float
     registry_bytes: int
     store_bytes: int
+    fused_cpu: float = 0.0  # the FUSE daemon's CPU seconds over pull + first run
+    requests: dict[str, int] = field(default_factory=dict)  # FUSE requests by opcode over pull + first run
 
     @property
     def total(self) -> float:
@@ -99,24 +105,66 @@ def measure_overlayfs(ref: str, command: list[str], workdir: Path, registry_prox
         containerd.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def liftoff_node(workdir: Path, store: str, fused_args: list[str]):
+    """A fresh node (the FUSE daemon with `fused_args`, the snapshotter, containerd); yields containerd and the daemon."""
+    from snapshotter.localnode import start_fused, start_snapshotter
+
+    socket = workdir / "run" / "snapshotter.sock"
+    fused = start_fused(workdir / "root" / "remote", ["--store", store, *fused_args], workdir=workdir)
+    snapshotter = containerd = None
+    try:
+        snapshotter = start_snapshotter(
+            workdir / "root", socket, workdir=workdir, log_level="info", extra_args=["--store", store, "--no-start-fused"]
+        )
+        containerd = start_containerd(workdir / "containerd", socket)
+        yield containerd, fused
+    finally:
+        if containerd:
+            containerd.stop()
+        if snapshotter:
+            snapshotter.stop()
+        fused.stop()
+
+
 def measure_liftoff(
-    ref: str, command: list[str], workdir: Path, store: str, registry_proxy: ShapingProxy, store_proxy: ShapingProxy
+    ref: str,
+    command: list[str],
+    workdir: Path,
+    store: str,
+    registry_proxy: ShapingProxy,
+    store_proxy: ShapingProxy,
+    fused_args: list[str],
 ) -> Sample:
-    with liftoff_node(workdir, store) as containerd:
+    from snapshotter.fuse_control import FusedClient
+
+    with liftoff_node(workdir, store, fused_args) as (containerd, fused):
         drop_caches(WARM)
         registry_before, store_before = registry_proxy.stats.bytes_down, store_proxy.stats.bytes_down
+        cpu_before = cpu_seconds(fused.process.pid)
         started = time.monotonic()
         liftoff("pull", ref, "--address", containerd.address, "--plain-http", "--snapshotter", "liftoff")
         pull = time.monotonic() - started
         started = time.monotonic()
         containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-cold", *command)
         run = time.monotonic() - started
+        fused_cpu = cpu_seconds(fused.process.pid) - cpu_before
         registry_bytes = registry_proxy.stats.bytes_down - registry_before
         store_bytes = store_proxy.stats.bytes_down - store_before
+        requests: dict[str, int] = {}
+        for view in FusedClient(workdir / "root" / "remote" / "fused.sock").status().views:
+            for name, count in view.requests.items():
+                requests[name] = requests.get(name, 0) + count
         started = time.monotonic()
         containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-warm", *command)
         warm = time.monotonic() - started
-        return Sample(pull, run, warm, registry_bytes, store_bytes)
+        return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests)
 
 
 def prepare(layout: Path, images: list[str], registry, root: Path) -> dict[str, dict]:
@@ -152,9 +200,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--images", default="torch,python")
     parser.add_argument("--settings", default="unshaped,shaped")
+    parser.add_argument("--keys", default="a,b,c,d", help="which of (a)-(d) to run (a and c always run)")
     parser.add_argument("--out", type=Path, default=WORK.parent / "coldstart.json")
     args = parser.parse_args()
     images = args.images.split(",")
+    keys = set(args.keys.split(",")) | {"a", "c"}
     settings = {"unshaped": UNSHAPED, "shaped": SHAPED}
     layout = ensure_images()
     shutil.rmtree(WORK, ignore_errors=True)
@@ -180,9 +230,18 @@ def main() -> None:
                     for run in range(args.runs):
                         base = WORK / f"{setting}-{name}-{run}"
                         results.add("a", measure_overlayfs(ref, COMMANDS[name], base / "overlayfs", registry_proxy))
-                        for key, prefix in (("b", "plain"), ("c", "profiled")):
+                        for key, prefix, fused_args in (
+                            ("b", "plain", []),
+                            ("c", "profiled", []),
+                            ("d", "profiled", ["--no-passthrough"]),
+                        ):
+                            if key not in keys:
+                                continue
                             store = f"s3://{BUCKET}/{prefix}?endpoint_url={endpoint}&path_style=true"
-                            results.add(key, measure_liftoff(ref, COMMANDS[name], base / key, store, registry_proxy, store_proxy))
+                            sample = measure_liftoff(
+                                ref, COMMANDS[name], base / key, store, registry_proxy, store_proxy, fused_args
+                            )
+                            results.add(key, sample)
                         shutil.rmtree(base, ignore_errors=True)
                     report["results"][f"{setting}/{name}"] = {k: [s.__dict__ for s in v] for k, v in results.samples.items()}
                     print_table(setting, name, results, layer_bytes(layout, name), info[name])
@@ -194,10 +253,17 @@ def main() -> None:
 
 
 def print_table(setting: str, name: str, results: Results, compressed: int, info: dict) -> None:
-    labels = {"a": "(a) overlayfs pull+run", "b": "(b) liftoff, no profile", "c": "(c) liftoff + profile"}
+    labels = {
+        "a": "(a) overlayfs pull+run",
+        "b": "(b) liftoff, no profile",
+        "c": "(c) liftoff + profile",
+        "d": "(d) (c), --no-passthrough",
+    }
     rows = []
-    for key in ("a", "b", "c"):
-        samples = results.samples[key]
+    for key in ("a", "b", "c", "d"):
+        samples = results.samples.get(key)
+        if not samples:
+            continue
         fetched = statistics.median(s.registry_bytes + s.store_bytes for s in samples)
         rows.append(
             [
@@ -207,6 +273,8 @@ def print_table(setting: str, name: str, results: Results, compressed: int, info
                 median_text([s.total for s in samples]),
                 median_text([s.warm for s in samples]),
                 f"{fetched / 1e6:.1f} MB ({fetched / compressed:.0%})",
+                median_text([s.fused_cpu for s in samples]) if key != "a" else "-",
+                _requests_text(samples) if key != "a" else "-",
             ]
         )
     a, c = results.samples["a"], results.samples["c"]
@@ -218,7 +286,12 @@ def print_table(setting: str, name: str, results: Results, compressed: int, info
         f"\n{name} image, {setting}: {compressed / 1e6:.0f} MB compressed (registry), "
         f"{info['stored_bytes'] / 1e6:.0f} MB in the store, {info['tar_bytes'] / 1e6:.0f} MB unpacked"
     )
-    print(table(["", "pull s", "run s", "pull+run s", "warm run s", "fetched (of the compressed image)"], rows))
+    print(
+        table(
+            ["", "pull s", "run s", "pull+run s", "warm run s", "fetched (of compressed)", "fused CPU s", "FUSE requests"],
+            rows,
+        )
+    )
     warm_a = statistics.median(s.warm for s in a)
     print(
         f"ratios (a)/(c): pull {ratio(lambda s: s.pull):.1f}x, pull+first run {ratio(lambda s: s.total):.1f}x; "
@@ -226,6 +299,12 @@ def print_table(setting: str, name: str, results: Results, compressed: int, info
         f"first run liftoff(c)/overlayfs warm run {statistics.median(s.run for s in c) / warm_a:.2f}x",
         flush=True,
     )
+
+
+def _requests_text(samples: list[Sample]) -> str:
+    """Median FUSE requests by opcode, most frequent first."""
+    medians = {n: statistics.median(s.requests.get(n, 0) for s in samples) for s in samples for n in s.requests}
+    return " ".join(f"{n}={m:.0f}" for n, m in sorted(medians.items(), key=lambda item: -item[1]))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,17 @@ class ChunkCache:
             os.close(fd)
         return data
 
+    def open_verified(self, sha256: bytes) -> int | None:
+        """A new read-only descriptor of a cached chunk whose content was checked (the caller closes
+        it), or None if the chunk is not (validly) cached. A chunk evicted later stays readable through it."""
+        if self.read(sha256, 0, 0) is None:  # hashes a chunk found at start, once
+            return None
+        try:
+            return os.open(self.path(sha256), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget(sha256)
+            return None
+
     def put(self, sha256: bytes, data: bytes | memoryview) -> None:
         """Store a verified chunk (temp file + rename), then evict down to capacity."""
         path = self.path(sha256)

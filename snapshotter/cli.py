@@ -96,6 +96,13 @@ def register(subparsers) -> None:
         help="do not ask the kernel (6.9+) to resend the requests a dead daemon left unanswered (for tests of older kernels)",
     )
     f.add_argument(
+        "--no-passthrough",
+        dest="passthrough",
+        action="store_false",
+        help="serve every read through the daemon, as on kernels before 6.9 (default: where the kernel offers FUSE "
+        "passthrough, files whose bytes are all local are read by the kernel from whole local copies)",
+    )
+    f.add_argument(
         "--metrics-address",
         metavar="ADDR",
         help="serve Prometheus metrics (/metrics) and a health check (/healthz: 200 once the views are restored and "
@@ -284,6 +291,7 @@ def run_fused(args: argparse.Namespace) -> int:
         fd_store=open_fd_store(args.fd_holder),
         takeover=args.takeover,
         resend=args.resend,
+        passthrough=args.passthrough,
         max_readahead=args.max_readahead,
         prefetch_threads=args.prefetch_threads,
         fill_rate=float(args.fill_rate),

@@ -30,6 +30,8 @@ CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
 INIT_EXT = 1 << 30  # the kernel's INIT carries flags2 (the upper 32 flag bits)
 HAS_RESEND = 1 << (39 - 32)  # in flags2: the kernel takes NOTIFY_RESEND (7.40, Linux 6.9)
+PASSTHROUGH = 1 << (37 - 32)  # in flags2: reads of an open file served from a backing file (7.40, Linux 6.9)
+MAX_STACK_DEPTH = 1  # INIT reply with PASSTHROUGH: backing files on a plain filesystem, overlayfs may stack on us
 
 # notifications: an unsolicited write of OUT_HEADER with unique 0 and error = the code
 NOTIFY_RESEND = 7  # put every request read but not answered back on the queue
@@ -38,19 +40,28 @@ UNIQUE_RESEND = 1 << 63  # set in the unique of a request the kernel queued agai
 # open reply flags
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
+FOPEN_PASSTHROUGH = 1 << 7  # with OPEN_OUT's backing_id; no other flag but DIRECT_IO/NOFLUSH may go with it
+
+# ioctls on the /dev/fuse descriptor (_IOW(229, nr, size)); CAP_SYS_ADMIN, on a connection that
+# negotiated PASSTHROUGH
+DEV_IOC_BACKING_OPEN = (1 << 30) | (16 << 16) | (229 << 8) | 1  # BACKING_MAP in, the backing id returned
+DEV_IOC_BACKING_CLOSE = (1 << 30) | (4 << 16) | (229 << 8) | 2  # the backing id (uint32) in
+BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
 INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags (flags2 and more follow on new kernels)
 INIT_IN_FLAGS2 = struct.Struct("<I")  # at INIT_IN.size, when flags has INIT_EXT
 INIT_OUT = struct.Struct(
-    "<IIIIHHIIHHI"
-)  # ... max_background, congestion_threshold, max_write, time_gran, max_pages, map_alignment, flags2
+    "<IIIIHHIIHHII"
+)  # ... max_background, congestion_threshold, max_write, time_gran, max_pages, map_alignment, flags2, max_stack_depth
 INIT_OUT_SIZE = 64
 ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks atime mtime ctime *nsec mode nlink uid gid rdev blksize flags
 ENTRY_PREFIX = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec
 ATTR_OUT_PREFIX = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
 OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
+OPEN_IN = struct.Struct("<II")  # flags open_flags
+RELEASE_IN = struct.Struct("<QIII")  # fh flags release_flags lock_owner(low half)
 READ_IN = struct.Struct("<QQII")  # fh offset size read_flags (lock_owner, flags follow)
 GETXATTR_IN = struct.Struct("<II")  # size padding
 GETXATTR_OUT = struct.Struct("<II")  # size padding

@@ -12,6 +12,12 @@ listing carries every entry's attributes), 1 MiB reads, parallel directory opera
 asynchronous reads. Entries, attributes and negative lookups are valid for a day: layers
 are immutable.
 
+Passthrough (Linux 6.9+, fuse_passthrough.py): where the kernel offers it at INIT (and unless
+disabled), no-open is NOT asked for, and an OPEN of a file whose bytes are all local is answered
+with a backing file the kernel then reads itself: no READ of that file reaches the daemon. A file
+with bytes still remote is opened in cached mode and read through the daemon as before. Older
+kernels (no PASSTHROUGH in INIT's flags2) get no-open and today's path.
+
 A connection outlives the daemon: the mount's /dev/fuse descriptor is also kept by an fd store
 (fused/fdstore.py), and a new daemon attaches to it (`attach`) with what INIT negotiated (the
 kernel sends INIT once per connection), then asks the kernel to queue again the requests the
@@ -35,6 +41,7 @@ from pathlib import Path
 
 from layerstore.fetch import ChunkFetcher, ChunkUnavailable
 from snapshotter import fuse_kernel as k
+from snapshotter.fuse_passthrough import BackingFiles, InodeStates, register
 from snapshotter.fuse_tree import Node, View
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,8 @@ _WANT = (
 )
 
 OnRead = Callable[[Node, int, int], None]
+FH_UNCOUNTED, FH_CACHED, FH_PASSTHROUGH = 0, 1, 2  # our file handles: how an open was answered
+_STRIPES = 64
 
 
 def opcode_name(opcode: int) -> str:
@@ -136,6 +145,8 @@ class FuseSession:
         readers: int = 4,
         max_readahead: int = 128 << 10,
         on_read: OnRead | None = None,
+        backing: BackingFiles | None = None,
+        states_path: Path | None = None,
     ) -> None:
         self.view = view
         self.fetcher = fetcher
@@ -149,6 +160,14 @@ class FuseSession:
         self.flags = 0  # what INIT negotiated
         self.kernel_minor = 0
         self.kernel_resend = False  # the kernel offered HAS_RESEND at INIT
+        # passthrough: offered with `backing` and `states_path`, used when INIT negotiated it
+        self.backing = backing if states_path is not None else None
+        self.states_path = states_path
+        self.passthrough = False
+        self.states: InodeStates | None = None
+        self.opens = {"passthrough": 0, "cached": 0}  # OPEN answers, by mode
+        self._open_locks = [threading.Lock() for _ in range(_STRIPES)]
+        self._passthrough_broken = False  # the kernel refused a backing file: no more tries
         self.initialized = threading.Event()
         self.on_gone: Callable[[FuseSession], None] | None = None  # the connection ended (ENODEV)
         self._stopping = False
@@ -175,7 +194,7 @@ class FuseSession:
             k.LISTXATTR: self._listxattr,
             k.STATFS: lambda unique, node, body: self._reply(unique, self._statfs),
             k.ACCESS: self._access,
-            k.RELEASE: lambda unique, node, body: self._reply(unique),
+            k.RELEASE: self._release,
             k.RELEASEDIR: lambda unique, node, body: self._reply(unique),
             k.INIT: self._init,
             k.DESTROY: lambda unique, node, body: self._reply(unique),
@@ -204,7 +223,7 @@ class FuseSession:
 
     def init_state(self) -> dict:
         """What INIT negotiated, for the view's record: a daemon that attaches later gets no INIT."""
-        return {"minor": self.kernel_minor, "flags": self.flags, "resend": self.kernel_resend}
+        return {"minor": self.kernel_minor, "flags": self.flags, "resend": self.kernel_resend, "passthrough": self.passthrough}
 
     def attach(self, fd: int, mountpoint: Path, init: dict, resend: bool = True) -> bool:
         """Serve a connection an earlier daemon mounted (its /dev/fuse descriptor `fd`, INIT long
@@ -215,6 +234,16 @@ class FuseSession:
         self.flags = int(init["flags"])
         self.kernel_minor = int(init["minor"])
         self.kernel_resend = bool(init.get("resend"))
+        self.passthrough = bool(init.get("passthrough"))
+        if self.passthrough:
+            # The connection is in passthrough mode whatever this daemon's options: the kernel holds the
+            # backing ids the old daemon registered, and the inode states say which inodes use them.
+            try:
+                if self.states_path is None:
+                    raise ValueError("no inode state file given")
+                self.states = InodeStates(self.states_path, len(self.view.nodes), fresh=False)
+            except (OSError, ValueError) as e:
+                log.error("view %s: its passthrough state is unreadable (%s): opens are answered in cached mode", self.label, e)
         self.initialized.set()
         self._start_readers()
         if not (resend and self.kernel_resend):
@@ -348,15 +377,37 @@ class FuseSession:
         if major != k.KERNEL_MAJOR:
             self._reply(unique, error=errno.EPROTO)
             return
-        self.flags = flags & _WANT
-        self.kernel_minor = min(minor, k.KERNEL_MINOR)
+        want, flags2_out = _WANT, 0
         if flags & k.INIT_EXT and len(body) >= k.INIT_IN.size + k.INIT_IN_FLAGS2.size:
             (flags2,) = k.INIT_IN_FLAGS2.unpack_from(body, k.INIT_IN.size)
             self.kernel_resend = bool(flags2 & k.HAS_RESEND)
-        out = k.INIT_OUT.pack(k.KERNEL_MAJOR, self.kernel_minor, max_readahead, self.flags, 64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0)
+            if flags2 & k.PASSTHROUGH and self.backing is not None and self.states_path is not None:
+                try:
+                    self.states = InodeStates(self.states_path, len(self.view.nodes), fresh=True)
+                    flags2_out = k.PASSTHROUGH
+                    want &= ~k.NO_OPEN_SUPPORT  # passthrough is given at OPEN: the kernel must ask
+                except OSError as e:
+                    log.error("view %s: no passthrough (its inode state file: %s)", self.label, e)
+        self.flags = flags & want
+        self.passthrough = bool(flags2_out)
+        self.kernel_minor = min(minor, k.KERNEL_MINOR)
+        out = k.INIT_OUT.pack(
+            k.KERNEL_MAJOR,
+            self.kernel_minor,
+            max_readahead,
+            self.flags | (k.INIT_EXT if flags2_out else 0),
+            64,
+            48,
+            MAX_WRITE,
+            1,
+            MAX_PAGES,
+            0,
+            flags2_out,
+            k.MAX_STACK_DEPTH if flags2_out else 0,
+        )
         self._reply(unique, out + bytes(k.INIT_OUT_SIZE - len(out)))
         self.initialized.set()
-        log.debug("view %s: INIT kernel 7.%d, flags %#x", self.label, minor, self.flags)
+        log.debug("view %s: INIT kernel 7.%d, flags %#x, passthrough %s", self.label, minor, self.flags, self.passthrough)
 
     def _entry(self, node: Node) -> bytes:
         entry = self._entries.get(node.ino)
@@ -388,7 +439,54 @@ class FuseSession:
         if open_flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._reply(unique, error=errno.EROFS)
             return
-        self._reply(unique, k.OPEN_OUT.pack(0, k.FOPEN_KEEP_CACHE, 0))
+        if self.states is not None and stat.S_ISREG(node.mode) and node.size > 0:
+            self._reply(unique, k.OPEN_OUT.pack(*self._open_mode(node)))
+            return
+        self._reply(unique, k.OPEN_OUT.pack(FH_UNCOUNTED, k.FOPEN_KEEP_CACHE, 0))
+
+    def _open_mode(self, node: Node) -> tuple[int, int, int]:
+        """How to answer an OPEN on a passthrough connection: (fh, open flags, backing id). The inode
+        state is updated before the reply (see fuse_passthrough.py)."""
+        states = self.states
+        assert states is not None
+        with self._open_locks[node.ino % _STRIPES]:
+            backing_id = states.backing(node.ino)
+            if backing_id <= 0 and states.cached_opens(node.ino) == 0 and self.on_read is None:
+                backing_id = self._backing_id(node)
+            if backing_id > 0:
+                self.opens["passthrough"] += 1
+                if self.on_read is not None:  # its reads will not reach us: the whole file counts as read
+                    self.on_read(node, 0, node.size)
+                return FH_PASSTHROUGH, k.FOPEN_PASSTHROUGH, backing_id
+            states.add_cached(node.ino, 1)
+            self.opens["cached"] += 1
+            return FH_CACHED, k.FOPEN_KEEP_CACHE, 0
+
+    def _backing_id(self, node: Node) -> int:
+        """Register the file's backing file (assembled if all its bytes are local); 0 if it has none."""
+        if self._passthrough_broken or self.backing is None or self.states is None:
+            return 0
+        try:
+            path = self.backing.get(self.view, node)
+            if path is None:
+                return 0
+            backing_id = register(self.fd, path)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ELOOP, errno.ENOTTY, errno.EOPNOTSUPP):
+                self._passthrough_broken = True
+                log.error("view %s: the kernel refuses backing files (%s): reads go through the daemon", self.label, e)
+            else:
+                log.warning("view %s: no backing file for inode %d: %s", self.label, node.ino, e)
+            return 0
+        self.states.set_backing(node.ino, backing_id)
+        return backing_id
+
+    def _release(self, unique: int, node: Node, body: memoryview) -> None:
+        (fh,) = k.UNIQUE.unpack_from(body)
+        self._reply(unique)
+        if fh == FH_CACHED and self.states is not None:  # after the reply: a crash in between over-counts
+            with self._open_locks[node.ino % _STRIPES]:
+                self.states.add_cached(node.ino, -1)
 
     def _opendir(self, unique: int, node: Node, body: memoryview) -> None:
         if self.flags & k.NO_OPENDIR_SUPPORT:

@@ -19,6 +19,7 @@ from layerstore.fetch import ChunkFetcher
 from layerstore.private import private_dir, restrict_file
 from layerstore.stores import Store
 from layerstore.systemd import notify_systemd
+from snapshotter.fuse_passthrough import BackingFiles
 from snapshotter.fused import retention
 from snapshotter.fused.fdstore import FdStore, close_all
 from snapshotter.fused.indexes import IndexDir
@@ -54,6 +55,7 @@ class FuseDaemon:
         fetch_retry_seconds: float = 30.0,
         fd_store: FdStore | None = None,
         resend: bool = True,
+        passthrough: bool = True,
         lock_wait: float = 0.0,
         metrics: FusedMetrics | None = None,
     ) -> None:
@@ -79,8 +81,12 @@ class FuseDaemon:
         fetch_stores = [metrics.stores.wrap(s) for s in stores] if metrics else stores  # timed per store
         self.fetcher = ChunkFetcher(fetch_stores, self.cache, retry_seconds=fetch_retry_seconds)
         self.fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="fetch")
-        self.views = Views(self.root, self.indexes, self.fetcher, self.fetch_pool, max_readahead, self.fd_store, resend)
-        self.prefetcher = Prefetcher(self.fetcher, prefetch_threads, fill_rate)
+        # whole local files for FUSE passthrough (offered at INIT where the kernel has it)
+        self.backing = BackingFiles(self.root / "files", self.cache) if passthrough else None
+        self.views = Views(
+            self.root, self.indexes, self.fetcher, self.fetch_pool, max_readahead, self.fd_store, resend, self.backing
+        )
+        self.prefetcher = Prefetcher(self.fetcher, prefetch_threads, fill_rate, self.backing)
         self.recordings = Recordings(self.root / "traces", learn_seconds)
         self.stopping = threading.Event()
         self.shutdown_requested = False  # Shutdown RPC: unmount everything (SIGTERM with an fd store: leave)
@@ -126,7 +132,9 @@ class FuseDaemon:
             if self.metrics is not None:
                 self.metrics.prefetching(image, profile)
             if profile or self.prefetcher.fill_rate:
-                self.prefetcher.start(spec.view_id, mounted.view, profile if self.prefetcher.claim(image) else None)
+                self.prefetcher.start(
+                    spec.view_id, mounted.view, profile if self.prefetcher.claim(image) else None, complete=profile
+                )
             self.recordings.learn(mounted)
         return mounted.mountpoint
 
@@ -149,7 +157,7 @@ class FuseDaemon:
         return self.recordings.stop(view_id)
 
     def retain(self, layers: list[str]) -> int:
-        return retention.retain(self.indexes, self.cache, layers)
+        return retention.retain(self.indexes, self.cache, layers, self.backing)
 
     def shutdown(self) -> None:
         """Unmount every view (their records stay, so the next start mounts them again)."""

@@ -30,6 +30,7 @@ from layerstore.errors import LiftoffError
 from layerstore.fetch import ChunkFetcher
 from layerstore.private import private_dir, restrict_file, write_private
 from snapshotter.fuse_control import view_id as make_view_id
+from snapshotter.fuse_passthrough import BackingFiles
 from snapshotter.fuse_server import FuseSession, lazy_unmount
 from snapshotter.fuse_tree import View
 from snapshotter.fused.fdstore import FdStore
@@ -113,6 +114,7 @@ class Views:
         max_readahead: int = 128 << 10,
         fd_store: FdStore | None = None,
         resend: bool = True,
+        backing: BackingFiles | None = None,
     ) -> None:
         self.indexes = indexes
         self.fetcher = fetcher
@@ -120,6 +122,7 @@ class Views:
         self.max_readahead = max_readahead
         self.fd_store = fd_store or FdStore()
         self.resend = resend
+        self.backing = backing  # None: no passthrough offered to new connections (--no-passthrough)
         self.resent = 0  # connections whose unanswered requests were queued again at attach
         self.records = private_dir(root / "views")
         for path in self.records.iterdir():
@@ -136,7 +139,12 @@ class Views:
                 spec = ViewSpec(doc["view"], list(doc["layers"]), bool(doc["layers_below"]))
                 init = doc.get("init")
                 if init is not None:
-                    init = {"minor": int(init["minor"]), "flags": int(init["flags"]), "resend": bool(init["resend"])}
+                    init = {
+                        "minor": int(init["minor"]),
+                        "flags": int(init["flags"]),
+                        "resend": bool(init["resend"]),
+                        "passthrough": bool(init.get("passthrough", False)),
+                    }
                 yield Record(spec, init, str(doc.get("inodes", "")))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 yield path.stem, e
@@ -164,7 +172,7 @@ class Views:
                 )
                 self._forget_fd(spec.view_id, fd)
                 return None
-            session = FuseSession(view, self.fetcher, spec.view_id, self.fetch_pool, max_readahead=self.max_readahead)
+            session = self._session(view, spec.view_id)
             session.on_gone = self._gone
             assert record.init is not None
             if session.attach(fd, mountpoint, record.init, self.resend):
@@ -176,6 +184,19 @@ class Views:
                 log.warning("view %s: %s", spec.view_id, e)
             log.info("re-attached view %s (%d inodes) at %s", spec.view_id, len(view.nodes) - 1, mountpoint)
             return mounted
+
+    def _session(self, view: View, view_id: str) -> FuseSession:
+        """A session for the view; its inode states (passthrough) live next to its record. A connection
+        that negotiated passthrough keeps it after a restart with --no-passthrough: the kernel holds it."""
+        return FuseSession(
+            view,
+            self.fetcher,
+            view_id,
+            self.fetch_pool,
+            max_readahead=self.max_readahead,
+            backing=self.backing,
+            states_path=self.records / f"{view_id}.inodes",
+        )
 
     def _forget_fd(self, view_id: str, fd: int) -> None:
         """Drop a connection: out of the store, and our descriptor closed (the last one ends it)."""
@@ -233,7 +254,7 @@ class Views:
                 log.warning("clearing a stale mount at %s", mountpoint)
                 lazy_unmount(mountpoint)
             mountpoint.mkdir(mode=0o700, exist_ok=True)
-            session = FuseSession(view, self.fetcher, spec.view_id, self.fetch_pool, max_readahead=self.max_readahead)
+            session = self._session(view, spec.view_id)
             session.on_gone = self._gone
             try:
                 session.mount(mountpoint)
@@ -277,6 +298,7 @@ class Views:
         with self._lock:
             mounted = self._views.pop(view_id, None)
             (self.records / f"{view_id}.json").unlink(missing_ok=True)
+            (self.records / f"{view_id}.inodes").unlink(missing_ok=True)
             if mounted is None:
                 try:
                     self.fd_store.remove(view_id)
