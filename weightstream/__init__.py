@@ -6,6 +6,7 @@ with weightstream.open("s3://bucket/llama/") as ckpt:
     for name, tensor in ckpt:          # bounded memory, file order
         ...
 weightstream.load_into(model, "s3://bucket/llama/")
+weightstream.load_into(model, "s3://bucket/llama/", group=tp_group)   # the group reads it once in total
 """
 
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from weightstream.api import Checkpoint, LoadResult, TensorStream, load, load_into, name_filter, open
     from weightstream.engine import StreamStats
     from weightstream.plan import TensorSlice
+    from weightstream.readonce import SharedStream
 
 _LAZY = {  # imported on first use: they need torch, which `liftoff` subcommands other than `weights` never load
     "Checkpoint": "weightstream.api",
@@ -35,6 +37,7 @@ _LAZY = {  # imported on first use: they need torch, which `liftoff` subcommands
     "open": "weightstream.api",
     "StreamStats": "weightstream.engine",
     "TensorSlice": "weightstream.plan",
+    "SharedStream": "weightstream.readonce",
 }
 
 
@@ -57,6 +60,7 @@ __all__ = [
     "IntegrityError",
     "LoadMismatchError",
     "LoadResult",
+    "SharedStream",
     "StreamOptions",
     "StreamStats",
     "TensorSlice",

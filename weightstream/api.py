@@ -118,8 +118,13 @@ class Checkpoint:
 
     # -- reading --------------------------------------------------------------------------------------
     def _items(
-        self, keep: Callable[[str], bool], slices: SliceSpec, destinations: Mapping[str, torch.Tensor] | None
+        self,
+        keep: Callable[[str], bool],
+        slices: SliceSpec,
+        destinations: Mapping[str, torch.Tensor] | None,
+        options: StreamOptions | None = None,
     ) -> tuple[list[Item], list]:
+        options = options or self.options
         if isinstance(slices, Mapping):
             table = slices
             slices = lambda name, shape: table.get(name)  # noqa: E731
@@ -136,8 +141,8 @@ class Checkpoint:
                 dest = destinations.get(info.name) if destinations else None
                 item = Item(len(items), info.name, index, info, piece_slice, dest=dest)
                 items.append(item)
-                pieces += item_pieces(item, self.options.min_piece)
-            ranges += plan_ranges(index, f.ref, pieces, self.options)
+                pieces += item_pieces(item, options.min_piece)
+            ranges += plan_ranges(index, f.ref, pieces, options)
         return items, ranges
 
     def stream(
@@ -150,18 +155,21 @@ class Checkpoint:
         destinations: Mapping[str, torch.Tensor] | None = None,
         verify: bool | None = None,
         hold_all: bool = False,
+        coalesce_gap: int | None = None,
     ) -> TensorStream:
         """Stream (name, tensor) pairs in file order; memory held ahead of the consumer stays within pool_bytes.
 
         Tensors are complete when handed out and stay valid (each owns its memory). dtype converts
         floating-point tensors. With a sha256 manifest (verify defaults to True then), a file's tensors
         are handed out only after the whole file has been checked. `slices` reads part of a tensor
-        (see weightstream.tp); `destinations` names preallocated tensors to fill in place.
+        (see weightstream.tp); `destinations` names preallocated tensors to fill in place; `coalesce_gap`
+        overrides the option for this stream (0: never read bytes that were not asked for).
         """
         target = parse_device(device)
         keep = name_filter(filter)
         verify = bool(self.manifest) if verify is None else verify
-        items, ranges = self._items(keep, slices, destinations)
+        options = self.options if coalesce_gap is None else self.options.with_(coalesce_gap=coalesce_gap)
+        items, ranges = self._items(keep, slices, destinations, options)
         digests = None
         if verify:
             if not self.manifest:
@@ -288,12 +296,17 @@ def load_into(
     strict: bool = True,
     *,
     filter: NameFilter = None,
+    group: object = None,
     **open_kwargs: object,
 ) -> LoadResult:
     """Fill `module`'s parameters and buffers from the checkpoint, in place (bytes land in the parameters' memory
     where dtype and layout match, else are copied in). strict: every state_dict entry must be in the checkpoint
     and vice versa, checked from the headers before any data is fetched. On an error the module is left partly
     loaded: load again, or discard it.
+
+    group: a torch.distributed process group whose ranks all call load_into with the same checkpoint and an
+    equal module (e.g. the tensor-parallel ranks of a node): each rank fetches about 1/N of the tensors the
+    module needs and the ranks exchange them (weightstream.readonce), so the group reads them once in total.
     """
     checkpoint = url if isinstance(url, Checkpoint) else open(url, **open_kwargs)  # type: ignore[arg-type]
     try:
@@ -333,6 +346,14 @@ def load_into(
         device = cuda[0] if len(cuda) == 1 and len(devices) == 1 else torch.device("cpu")
         if device.type == "cpu":
             destinations = {k: v for k, v in destinations.items() if v.device.type == "cpu"}
+        if group is not None:
+            from weightstream.readonce import SharedStream
+
+            shared = SharedStream(checkpoint, group, device=device, filter=set(wanted))  # type: ignore[arg-type]
+            with torch.no_grad():
+                for name, tensor in shared:
+                    state[name].copy_(tensor)
+            return LoadResult(missing, unexpected, shared.stats)
         subset = None if len(wanted) == len(checkpoint.tensors) else set(wanted)  # whole files can be sha256-verified
         stream = checkpoint.stream(device=device, filter=subset, destinations=destinations)
         with torch.no_grad():

@@ -61,6 +61,7 @@ class StreamStats:
     retries: int = 0
     seconds: float = 0.0
     peak_held: int = 0  # CPU streams: most bytes allocated ahead of the consumer at once
+    bytes_received: int = 0  # read-once streams (weightstream.readonce): bytes that came from the other ranks
 
     @property
     def gbps(self) -> float:

@@ -9,9 +9,15 @@ pool_bytes. Each yielded tensor owns its memory, so vLLM's layerwise loading,
 which holds a layer's weights until the layer is complete, stays correct.
 
 Tensor parallelism: vLLM hands every rank full checkpoint tensors and each
-parameter's weight_loader narrows them, so each rank streams the whole
-checkpoint (TP=N reads it N times, as vLLM's own loaders do); per-rank slicing
-needs model-specific split rules: see weightstream.tp for the API that does it.
+parameter's weight_loader narrows them. Here the ranks of the worker's
+tensor-parallel group (vLLM's get_tp_group(): its NCCL device_group on GPUs,
+its gloo cpu_group on CPU) each stream about 1/N of the checkpoint and
+broadcast it to the others (weightstream.readonce), so the node reads the
+checkpoint once whatever the TP degree and every weight_loader still gets the
+full tensors it expects; no model-specific split rules. Pipeline parallelism:
+a stage reads only the tensors under modules its model holds (vLLM puts
+parameterless placeholders where other stages' layers are). Set
+"read_once": false to have every rank read everything (vLLM's own behaviour).
 """
 
 from __future__ import annotations
@@ -26,9 +32,23 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 import weightstream
+from weightstream.readonce import model_stream
 from weightstream.vllm_plugin import parse_extra_config
 
 log = logging.getLogger(__name__)
+LOADER_KEYS = ("url", "device", "read_once", "exchange_window_bytes")  # the rest are weightstream.open() tunables
+
+
+def parallel_groups(device: torch.device) -> tuple[torch.distributed.ProcessGroup | None, bool]:
+    """This worker's tensor-parallel process group (None without one, or with one rank) and whether the model is
+    one pipeline stage, from vLLM's parallel state."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        return None, False
+    tp, pp = get_tp_group(), get_pp_group()
+    group = tp.device_group if device.type == "cuda" else tp.cpu_group
+    return (group if tp.world_size > 1 else None), pp.world_size > 1
 
 
 class LiftoffModelLoader(BaseModelLoader):
@@ -56,7 +76,7 @@ class LiftoffModelLoader(BaseModelLoader):
         return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
     def _open(self, model_config: ModelConfig) -> weightstream.Checkpoint:
-        options = {k: v for k, v in self.settings.items() if k not in ("url", "device")}
+        options = {k: v for k, v in self.settings.items() if k not in LOADER_KEYS}
         return weightstream.open(self._url(model_config), **options)
 
     def download_model(self, model_config: ModelConfig) -> None:
@@ -66,18 +86,31 @@ class LiftoffModelLoader(BaseModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         """Stream every tensor into model.load_weights; fail if a parameter got no weight (unquantized models)."""
+        device = torch.device(self._device())
+        group, pipeline_parallel = parallel_groups(device) if self.settings.get("read_once", True) else (None, False)
+        window = self.settings.get("exchange_window_bytes")
         with self._open(model_config) as checkpoint:
-            stream = checkpoint.stream(device=self._device())
+            stream = model_stream(
+                checkpoint,
+                model,
+                device=device,
+                group=group,
+                pipeline_parallel=pipeline_parallel,
+                **({"window_bytes": window} if window else {}),
+            )
             loaded = model.load_weights(iter(stream))
             stats = stream.stats
         log.info(
-            "liftoff: %s: %d tensors, %.2f GB in %.2fs (%.2f GB/s, %d retries)",
+            "liftoff: %s: %d tensors, %.2f GB in %.2fs (this rank fetched %.2f GB at %.2f GB/s, %d retries; "
+            "%.2f GB from its group)",
             checkpoint.url,
             stats.tensors,
             stats.bytes_delivered / 1e9,
             stats.seconds,
+            stats.bytes_fetched / 1e9,
             stats.gbps,
             stats.retries,
+            stats.bytes_received / 1e9,
         )
         if model_config.quantization is None and loaded is not None:
             missing = {name for name, _ in model.named_parameters()} - set(loaded)

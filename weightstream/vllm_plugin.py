@@ -49,6 +49,8 @@ EXTRA_KEYS = {
     "pool_bytes": int,
     "stall_timeout": (int, float),
     "max_retries": int,
+    "read_once": bool,
+    "exchange_window_bytes": int,
 }
 
 
