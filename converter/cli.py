@@ -226,9 +226,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     from converter.verify import verify_image
-    from layerstore.oci.source import open_source
-
     from layerstore.errors import VerificationFailed
+    from layerstore.oci.source import open_source
 
     source = open_source(args.source, plain_http=args.plain_http, docker_config=args.docker_config) if args.source else None
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import inspect
 import re
@@ -10,7 +11,8 @@ import tomllib
 
 import yaml
 
-from liftoff.cli import build_parser
+from liftoff import config
+from liftoff.cli import COMMANDS, build_parser
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -19,10 +21,19 @@ DEPLOY = ROOT / "deploy"
 PLACEHOLDERS = {"STORE": "s3://bucket/a", "STORE_FALLBACK": "s3://bucket/b", "CACHE_SIZE": "1G"}
 
 
-def parses_as_liftoff(argv: list[str]) -> None:
-    """Fail (argparse exits) unless `liftoff ARGV` is a valid command line; $(VAR) references get placeholders."""
+def parses_as_liftoff(argv: list[str], config_text: str | None = None) -> argparse.Namespace:
+    """Fail (argparse exits, or a usage error) unless `liftoff ARGV` is a valid command line with `config_text` as its
+    configuration file (deploy/config.toml where argv names /etc/liftoff/config.toml); $(VAR) references get
+    placeholders. Returns the parsed options, with the file's values."""
     argv = [re.sub(r"\$\((\w+)\)", lambda m: PLACEHOLDERS[m.group(1)], arg) for arg in argv]
-    build_parser(argv).parse_args(argv)
+    if config_text is None and "/etc/liftoff/config.toml" in argv:
+        config_text = (DEPLOY / "config.toml").read_text()
+    data = tomllib.loads(config_text) if config_text is not None else {}
+    settings = config.Settings("/etc/liftoff/config.toml", data, {}, set(COMMANDS))
+    with config.active(settings):
+        args = build_parser(argv).parse_args(argv)
+    settings.resolve(args)
+    return args
 
 
 def k8s_documents() -> list[dict]:
@@ -41,9 +52,17 @@ def test_kubernetes_manifests():
     daemonset = next(d for d in docs if d["kind"] == "DaemonSet")
     containers = daemonset["spec"]["template"]["spec"]["containers"]
     assert {c["name"] for c in containers} == {"fused", "snapshotter"}
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     for container in containers:
         assert container["command"] == ["liftoff"]
-        parses_as_liftoff(container["args"])
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        text = config_map["data"]["config.toml"] if env.get("LIFTOFF_CONFIG") == "/etc/liftoff/config.toml" else None
+        if text is not None:
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert mounts["/etc/liftoff"] == "config"
+        args = parses_as_liftoff(container["args"], text)
+        if args.command in ("fused", "snapshotter"):
+            assert args.store == ["s3://liftoff-store-us-east-1/liftoff", "s3://liftoff-store-us-west-2/liftoff"]
         assert container["securityContext"]["privileged"] is True
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert mounts["/var/lib/liftoff"]["mountPropagation"] == "Bidirectional"  # FUSE mounts reach the host
@@ -75,7 +94,8 @@ def test_systemd_units_run_real_commands():
         unit.read(path)
         argv = shlex.split(unit["Service"]["ExecStart"])
         assert argv[0].endswith("/liftoff"), path
-        parses_as_liftoff(argv[1:])
+        args = parses_as_liftoff(argv[1:])
+        assert args.store == ["s3://YOUR-BUCKET/liftoff"], path  # from deploy/config.toml
     fused = configparser.ConfigParser(strict=False, interpolation=None)
     fused.optionxform = str
     fused.read(DEPLOY / "liftoff-fused.service")
@@ -154,7 +174,7 @@ def test_systemd_units_keep_the_state_private():
         unit.read(path)
         service = unit["Service"]
         argv = shlex.split(service["ExecStart"])
-        if argv[1] not in ("snapshotter", "fused"):
+        if parses_as_liftoff(argv[1:]).command not in ("snapshotter", "fused"):
             continue
         private = {f"/var/lib/{d}" for d in service.get("StateDirectory", "").split() if service["StateDirectoryMode"] == "0700"}
         private |= {f"/run/{d}" for d in service.get("RuntimeDirectory", "").split() if service["RuntimeDirectoryMode"] == "0700"}
