@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, passthrough = argv[:at], argv[at + 1 :]
     _json_errors = "--json" in argv
     try:
-        settings = config.Settings.load(config.config_path_argument(argv), os.environ, set(COMMANDS))
+        settings = config.Settings.load(config.config_path_argument(argv, GLOBAL_VALUE_OPTIONS), os.environ, set(COMMANDS))
         parser = build_parser(argv)
         with config.active(settings):
             args = parser.parse_args(argv)

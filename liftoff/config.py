@@ -345,13 +345,16 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_path_argument(argv: list[str]) -> str | None:
-    """The value of a global `--config FILE` / `--config=FILE` before the command, if any."""
+def config_path_argument(
+    argv: list[str], value_options: tuple[str, ...] = ("--config", "--log-level", "--log-format")
+) -> str | None:
+    """The value of a global `--config FILE` / `--config=FILE` before the command (`value_options`: the global
+    options that take a value), if any."""
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             return argv[i + 1]
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
-        if not arg.startswith("-") and (i == 0 or argv[i - 1] not in ("--config", "--log-level")):
+        if not arg.startswith("-") and (i == 0 or argv[i - 1] not in value_options):
             return None
     return None

@@ -113,3 +113,9 @@ def test_show_prints_sources(config):
     out = run_cli("--config", str(config), "config", "show", "fused", "--takeover").stdout
     assert "cache_size = 10737418240" in out and "# file [fused]" in out
     assert "takeover = true" in out and "# flag" in out
+
+
+def test_global_options_before_config_do_not_hide_it(config):
+    """`--config` is found after global options that take values (`--log-format json --config FILE fused`)."""
+    done = run_cli("--log-level", "info", "--log-format", "json", "--config", str(config), "config", "show", "--json", "fused")
+    assert json.loads(done.stdout)["settings"]["cache_size"]["source"] == "file"
