@@ -97,7 +97,7 @@ def register(subparsers) -> None:
     )
     f.add_argument(
         "--no-passthrough",
-        dest="passthrough",
+        dest="fuse_passthrough",
         action="store_false",
         help="serve every read through the daemon, as on kernels before 6.9 (default: where the kernel offers FUSE "
         "passthrough, files whose bytes are all local are read by the kernel from whole local copies)",
@@ -291,7 +291,7 @@ def run_fused(args: argparse.Namespace) -> int:
         fd_store=open_fd_store(args.fd_holder),
         takeover=args.takeover,
         resend=args.resend,
-        passthrough=args.passthrough,
+        passthrough=args.fuse_passthrough,
         max_readahead=args.max_readahead,
         prefetch_threads=args.prefetch_threads,
         fill_rate=float(args.fill_rate),

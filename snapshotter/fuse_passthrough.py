@@ -4,7 +4,7 @@ backing file, with no request to the daemon.
 A file qualifies once every byte of it is local: its backing file is assembled from verified
 cached chunks (copy_file_range, no bytes through Python) into a root-only 0600 file, written to a
 temp name and renamed, so no reader ever sees a hole (a hole would read as zeros). Backing files
-live under `files/<boot id>/<layer>/<entry>`: a file of an earlier boot may be torn (no fsync; the
+live under `files/<boot id>/<layer>/<digest of the file's extents>`: a file of an earlier boot may be torn (no fsync; the
 rename can reach the disk before the data), so a start removes every other boot's directory; the
 same boot's files (a daemon restart) were complete when renamed and are used as they are.
 
@@ -29,6 +29,7 @@ import mmap
 import os
 import secrets
 import shutil
+import struct
 from pathlib import Path
 
 from layerstore.cache import ChunkCache
@@ -51,7 +52,7 @@ def boot_id() -> str:
 
 
 class BackingFiles:
-    """Whole files assembled from cached chunks, for passthrough: `files/<boot>/<layer>/<entry>`."""
+    """Whole files assembled from cached chunks, for passthrough: `files/<boot>/<layer>/<extents digest>`."""
 
     def __init__(self, root: str | os.PathLike[str], cache: ChunkCache) -> None:
         top = private_dir(root)
@@ -65,8 +66,14 @@ class BackingFiles:
         self.assembled_bytes = 0
 
     def path(self, view: View, node: Node) -> Path:
-        layer = view.layers[node.layer].layer_digest.split(":")[-1] or "unknown"
-        return self.dir / layer / hashlib.sha256(node.origin).hexdigest()
+        """Named by the file's extents (chunk, offset, length each): the same extents are the same bytes.
+        Not by its path: within one layer a path can name two files (a hardlink to an entry that a later
+        entry of the same path replaces)."""
+        index = view.layers[node.layer]
+        h = hashlib.sha256(struct.pack("<Q", node.size))
+        for extent in node.extents:
+            h.update(index.chunks[extent.chunk].sha256 + struct.pack("<QQ", extent.offset, extent.length))
+        return self.dir / (index.layer_digest.split(":")[-1] or "unknown") / h.hexdigest()
 
     def missing(self, view: View, node: Node) -> list[tuple[bytes, int]]:
         """The chunks of the file not in the cache: (sha256, size) each."""

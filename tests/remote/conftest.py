@@ -166,3 +166,15 @@ def stack(tmp_path_factory, store_url) -> Stack:
     s = start_stack(tmp_path_factory.mktemp("stack"), store_url)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module", params=["passthrough", "no-passthrough"])
+def data_path_stack(request, tmp_path_factory, store_url) -> Stack:
+    """The module's stack (FUSE passthrough where the kernel has it), then one whose daemon runs with
+    --no-passthrough: every read through the daemon, as on kernels before 6.9."""
+    if request.param == "passthrough":
+        yield request.getfixturevalue("stack")
+        return
+    s = start_stack(tmp_path_factory.mktemp("stack-no-passthrough"), store_url, fused_args=["--no-passthrough"])
+    yield s
+    s.stop()

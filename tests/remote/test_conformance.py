@@ -28,7 +28,9 @@ def reference_tree(stack, conformance_image, tmp_path_factory) -> dict:
         return tree(root)
 
 
-def test_lazy_tree_equals_overlayfs(stack, conformance_image, reference_tree, tmp_path):
+def test_lazy_tree_equals_overlayfs(data_path_stack, conformance_image, reference_tree, tmp_path):
+    """Both data paths: FUSE passthrough of whole local files (Linux 6.9+), and --no-passthrough."""
+    stack = data_path_stack
     convert(conformance_image, stack.store_url)
     with Snapshots(stack.containerd.address, "liftoff") as api:
         codes = handshake(api, conformance_image.chain_ids)

@@ -4,6 +4,7 @@ FUSE views, mixed images work, the cache honours its cap, and removing images re
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -16,7 +17,8 @@ RUN = ["/app/run.sh"]
 EXPECTED = "lazily started\nNAME=liftoff-test\nVERSION=2\n"
 
 
-def test_liftoff_pull_fetches_no_layer_blob_and_runs(stack, conformance_image, registry):
+def test_liftoff_pull_fetches_no_layer_blob_and_runs(data_path_stack, conformance_image, registry):
+    stack = data_path_stack
     convert(conformance_image, stack.store_url)
     before = registry.blob_gets()
     result = liftoff_pull(stack, conformance_image.ref)
@@ -32,6 +34,11 @@ def test_liftoff_pull_fetches_no_layer_blob_and_runs(stack, conformance_image, r
     again = stack.containerd.ctr("run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "lazy-run-2", *RUN)
     assert again == EXPECTED
     assert stack.fused().status().fetch.chunks == fetched
+    requests = {name: n for view in stack.fused().status().views for name, n in view.requests.items()}
+    if "no-passthrough" in str(stack.workdir):
+        assert requests.get("open", 0) <= 1, requests  # no-open: the first OPEN is answered ENOSYS
+    elif tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 9):  # passthrough: every open is asked
+        assert requests.get("open", 0) > 1, requests
 
 
 def test_mixed_image_remote_base_local_top(stack, conformance_image, registry, tmp_path_factory):
