@@ -36,23 +36,42 @@ def parses_as_liftoff(argv: list[str], config_text: str | None = None) -> argpar
     return args
 
 
-def k8s_documents() -> list[dict]:
+BASES = ("namespace", "node", "proxy", "compaction")
+
+
+def base_documents(base: str) -> list[dict]:
+    """The documents a kustomize base lists (its `resources:` files, read here without kustomize)."""
+    directory = DEPLOY / "k8s" / "base" / base
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     docs = []
+    for name in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((directory / name).read_text()) if d]
+    return docs
+
+
+def k8s_documents() -> list[dict]:
+    """Every base's documents and the examples beside them (deploy/k8s/*.yaml)."""
+    docs = [d for base in BASES for d in base_documents(base)]
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
 
+def named(kind: str, name: str, docs: list[dict] | None = None) -> dict:
+    return next(d for d in (docs or k8s_documents()) if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
 def test_kubernetes_manifests():
     docs = k8s_documents()
     kinds = {d["kind"] for d in docs}
-    assert {"Namespace", "ConfigMap", "DaemonSet", "ServiceAccount", "RayService"} <= kinds
+    assert {"Namespace", "ConfigMap", "DaemonSet", "ServiceAccount", "RayService", "Deployment", "Service"} <= kinds
+    assert {"PodDisruptionBudget", "Role", "RoleBinding", "CronJob"} <= kinds
     for doc in docs:
         assert doc["apiVersion"] and doc["metadata"]["name"]
-    daemonset = next(d for d in docs if d["kind"] == "DaemonSet")
+    daemonset = named("DaemonSet", "liftoff-node", docs)
     containers = daemonset["spec"]["template"]["spec"]["containers"]
     assert {c["name"] for c in containers} == {"fused", "snapshotter"}
-    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    config_map = named("ConfigMap", "liftoff-node", docs)
     for container in containers:
         assert container["command"] == ["liftoff"]
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
@@ -77,7 +96,7 @@ def test_store_gc_cronjob():
 
 
 def test_containerd_config_and_hosts_toml():
-    config_map = next(d for d in k8s_documents() if d["kind"] == "ConfigMap")
+    config_map = named("ConfigMap", "liftoff-node")
     containerd = tomllib.loads(config_map["data"]["containerd-liftoff.toml"])
     assert containerd["proxy_plugins"]["liftoff"] == {"type": "snapshot", "address": "/run/liftoff/snapshotter.sock"}
     assert containerd["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "liftoff"
@@ -183,3 +202,205 @@ def test_systemd_units_keep_the_state_private():
             assert _flag(argv, "--socket").rsplit("/", 1)[0] in private, path
         checked += 1
     assert checked == 2
+
+
+# -- kustomize bases, schema, the proxy Service, compaction RBAC, images ------------------------------------
+
+KUSTOMIZATIONS = [f"base/{b}" for b in BASES] + ["overlays/example"]
+
+
+def kustomize(path: str) -> list[dict]:
+    """`kubectl kustomize deploy/k8s/PATH` (offline: it renders, it never talks to a cluster)."""
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to render the kustomize bases: apt-get install kubernetes-client (scripts/bootstrap)"
+    done = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"kubectl kustomize {path}: {done.stderr.strip()}"
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+# apiVersion of each kind we ship; namespaced or not
+KINDS = {
+    "Namespace": ("v1", False),
+    "ConfigMap": ("v1", True),
+    "ServiceAccount": ("v1", True),
+    "Service": ("v1", True),
+    "DaemonSet": ("apps/v1", True),
+    "Deployment": ("apps/v1", True),
+    "CronJob": ("batch/v1", True),
+    "PodDisruptionBudget": ("policy/v1", True),
+    "Role": ("rbac.authorization.k8s.io/v1", True),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", True),
+}
+NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def pod_spec(doc: dict) -> dict | None:
+    if doc["kind"] in ("DaemonSet", "Deployment"):
+        return doc["spec"]["template"]["spec"]
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return None
+
+
+def schema_problems(doc: dict, namespaced_expected: bool = True) -> list[str]:
+    """What a small, offline schema check finds wrong with one rendered document (apiVersion per kind, names,
+    namespaces, selectors matching their pod labels, containers, volumes and ports referenced by name)."""
+    problems: list[str] = []
+    kind, meta = doc.get("kind"), doc.get("metadata") or {}
+    where = f"{kind}/{meta.get('name')}"
+    if kind not in KINDS:
+        return [f"{where}: unknown kind"]
+    api, namespaced = KINDS[kind]
+    if doc.get("apiVersion") != api:
+        problems.append(f"{where}: apiVersion {doc.get('apiVersion')} (want {api})")
+    if not NAME.match(meta.get("name", "")) or len(meta["name"]) > 63:
+        problems.append(f"{where}: bad name")
+    if namespaced and namespaced_expected and not meta.get("namespace"):
+        problems.append(f"{where}: no namespace")
+    spec = doc.get("spec") or {}
+    if kind in ("DaemonSet", "Deployment"):
+        labels = spec["template"]["metadata"]["labels"]
+        if not spec.get("selector", {}).get("matchLabels") or spec["selector"]["matchLabels"].items() - labels.items():
+            problems.append(f"{where}: selector does not match the pod's labels")
+    if kind == "Service" and (not spec.get("selector") or not spec.get("ports")):
+        problems.append(f"{where}: a Service needs a selector and ports")
+    if kind == "PodDisruptionBudget" and not spec.get("selector", {}).get("matchLabels"):
+        problems.append(f"{where}: no selector")
+    pod = pod_spec(doc)
+    if pod is not None:
+        volumes = {v["name"] for v in pod.get("volumes", [])}
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            if not c.get("name") or not c.get("image"):
+                problems.append(f"{where}: a container without name or image")
+            ports = {p["name"] for p in c.get("ports", []) if "name" in p}
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in volumes:
+                    problems.append(f"{where}/{c['name']}: mounts undefined volume {m['name']}")
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                port = (c.get(probe) or {}).get("httpGet", {}).get("port")
+                if isinstance(port, str) and port not in ports:
+                    problems.append(f"{where}/{c['name']}: {probe} names no port of the container: {port}")
+    return problems
+
+
+def test_schema_check_finds_problems():
+    """The check itself: a broken document is reported (so a clean result means something)."""
+    deployment = named("Deployment", "liftoff-proxy")
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["apiVersion"] = "extensions/v1beta1"
+    broken["spec"]["selector"]["matchLabels"] = {"app": "other"}
+    broken["spec"]["template"]["spec"]["containers"][0]["volumeMounts"].append({"name": "nope", "mountPath": "/x"})
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = "metrics"
+    assert len(schema_problems(broken)) == 4
+    assert schema_problems(deployment) == []
+
+
+def test_kustomize_renders_every_base_and_the_overlay():
+    """`kubectl kustomize` renders each base and the example overlay; every rendered document passes the schema
+    check; a base renders exactly the documents its files hold, in the namespace it names."""
+    for path in KUSTOMIZATIONS:
+        docs = kustomize(path)
+        assert docs, path
+        problems = [p for d in docs for p in schema_problems(d, namespaced_expected=path != "base/compaction")]
+        assert problems == [], path
+        if path.startswith("base/"):
+            ids = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+            assert ids == sorted((d["kind"], d["metadata"]["name"]) for d in base_documents(path[5:])), path
+    overlay = kustomize("overlays/example")
+    pods = [pod_spec(d) for d in overlay if pod_spec(d)]
+    images = {c["image"] for pod in pods for c in pod["containers"] + pod.get("initContainers", [])}
+    assert images == {"registry.example.com/platform/liftoff:0.1.0", "registry.example.com/platform/liftoff:0.1.0-compact"}
+    assert {d["metadata"]["namespace"] for d in overlay if d["kind"] == "Deployment"} == {"liftoff-system", "serving"}
+    stores = tomllib.loads(named("ConfigMap", "liftoff-node", overlay)["data"]["config.toml"])["store"]["urls"]
+    assert stores[0] == "s3://example-liftoff-eu-west-1/liftoff"
+
+
+def test_images_are_what_scripts_image_builds():
+    """Every liftoff container runs localhost/liftoff:VERSION (scripts/image's default name; -compact with Ray)."""
+    from layerstore import __version__
+
+    text = (ROOT / "scripts" / "image").read_text()
+    assert 'DEFAULT_NAME = f"localhost/liftoff:{__version__}"' in text
+    for doc in k8s_documents():
+        pod = pod_spec(doc)
+        for c in (pod or {}).get("containers", []) + (pod or {}).get("initContainers", []):
+            want = f"localhost/liftoff:{__version__}" + ("-compact" if doc["metadata"]["name"] == "liftoff-compaction" else "")
+            assert c["image"] == want, (doc["metadata"]["name"], c["name"])
+
+
+def test_proxy_service_is_what_the_nodes_reach():
+    """hosts.toml's mirror URL is the proxy Service's DNS name and port; the Service reaches the container's
+    listen port; the PodDisruptionBudget covers the Deployment's pods; the node's init swaps in the ClusterIP."""
+    from urllib.parse import urlsplit
+
+    docs = k8s_documents()
+    hosts = tomllib.loads(named("ConfigMap", "liftoff-node", docs)["data"]["hosts.toml"])
+    (url,) = hosts["host"]
+    parts = urlsplit(url)
+    name, namespace, svc = parts.hostname.split(".")
+    assert svc == "svc"
+    service = named("Service", name, docs)
+    assert service["metadata"]["namespace"] == namespace
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == parts.port]
+    deployment = named("Deployment", name, docs)
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    config_map = named("ConfigMap", "liftoff-proxy", docs)
+    args = parses_as_liftoff(container["args"], config_map["data"]["config.toml"])
+    assert args.command == "proxy"
+    container_port = next(p["containerPort"] for p in container["ports"] if p["name"] == port["targetPort"])
+    assert args.listen.rpartition(":")[2] == str(container_port)
+    pdb = named("PodDisruptionBudget", name, docs)
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    inits = pod_spec(named("DaemonSet", "liftoff-node", docs))["initContainers"]
+    init = next(c for c in inits if c["name"] == "containerd-config")
+    assert f"getent hosts {parts.hostname}" in " ".join(init["args"])
+
+
+def test_fused_metrics_and_probes():
+    """fused serves /metrics and /healthz on the port its probes use (metrics_address from its config file)."""
+    docs = k8s_documents()
+    fused = next(c for c in pod_spec(named("DaemonSet", "liftoff-node", docs))["containers"] if c["name"] == "fused")
+    args = parses_as_liftoff(fused["args"], named("ConfigMap", "liftoff-node", docs)["data"]["config.toml"])
+    port = next(p for p in fused["ports"] if p["name"] == fused["readinessProbe"]["httpGet"]["port"])
+    assert args.metrics_address == f":{port['containerPort']}"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert fused[probe]["httpGet"]["path"] == "/healthz"
+
+
+def test_compaction_controller_and_its_rbac():
+    """`liftoff compact run` with the KubeRay provider reads and updates the RayCluster: the Role grants exactly that,
+    bound to the Deployment's ServiceAccount."""
+    docs = base_documents("compaction")
+    deployment = named("Deployment", "liftoff-compaction", docs)
+    pod = pod_spec(deployment)
+    (container,) = pod["containers"]
+    args = parses_as_liftoff(container["args"])
+    assert (args.command, args.provider) == ("compact", "kuberay")
+    role = named("Role", "liftoff-compaction", docs)
+    (rule,) = role["rules"]
+    assert (rule["apiGroups"], rule["resources"], sorted(rule["verbs"])) == (["ray.io"], ["rayclusters"], ["get", "update"])
+    binding = named("RoleBinding", "liftoff-compaction", docs)
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"]}]
+    assert deployment["spec"]["replicas"] == 1
+
+
+def test_grafana_dashboard_uses_metrics_that_exist():
+    """Every metric deploy/grafana/liftoff-nodes.json queries is one fused or the snapshotter exports."""
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana" / "liftoff-nodes.json").read_text())
+    exported = set()
+    for source in ("snapshotter/fused/metrics.py", "snapshotter/metrics.py"):
+        exported |= set(re.findall(r'"(liftoff_[a-z_]+)"', (ROOT / source).read_text()))
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"liftoff_[a-z_]+", expr)}
+    assert queried
+    for name in queried:
+        base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        assert base in exported, name
