@@ -54,7 +54,8 @@ def metrics_stack(tmp_path_factory, store_url):
     fused = spawn("fused", argv, workdir)
     wait_for_socket(workdir / "root" / "remote" / "fused.sock", fused, 30)
     socket_path = workdir / "run" / "snapshotter.sock"
-    snap = start_snapshotter(workdir / "root", socket_path, workdir=workdir, extra_args=["--store", store_url, "--no-start-fused"])
+    extra = ["--store", store_url, "--no-start-fused"]
+    snap = start_snapshotter(workdir / "root", socket_path, workdir=workdir, extra_args=extra)
     ctd = start_containerd(workdir / "containerd", socket_path)
     stack = Stack(workdir, store_url, snap, ctd)
     yield stack, port, fused
