@@ -1186,7 +1186,7 @@ class LoadTime:
         return f"{self.factor:.3g} x the scenario's"
 
 
-TARGET_GRID = tuple(round(0.95 - 0.05 * i, 2) for i in range(14))  # 0.95 .. 0.30
+TARGET_GRID = tuple(round(0.95 - 0.05 * i, 2) for i in range(17))  # 0.95 .. 0.15
 EXTRA_GRID = tuple(range(0, 9))
 
 
@@ -1226,7 +1226,7 @@ def headroom(
 ) -> dict:
     """For each load time, the least steady headroom that serves `slo` of the demand within sc.max_delay_s.
 
-    The search runs without compaction (`none`) over a grid (target utilization 0.95 down to 0.30, or 0-8
+    The search runs without compaction (`none`) over a grid (target utilization 0.95 down to 0.15, or 0-8
     extra minimum replicas per deployment), by bisection (more headroom never serves less, up to noise);
     then every policy in `compare` runs at that headroom: node-hours, dollars, tokens per GPU-second.
     """

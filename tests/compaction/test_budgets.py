@@ -94,7 +94,7 @@ def _run(sc, policy, sim_cls=_Recording):
 
 
 def test_simulated_liftoff_honours_the_daily_window():
-    sc = default_scenario(hours=10.0, seed=2)
+    sc = default_scenario(hours=9.0, step_s=120.0, seed=2)
     sc = replace(sc, start_s=20 * 3600.0)  # the traces start at 20:00
     quiet = replace(sc.budget, windows=(BudgetWindow.parse("00:00-04:00", max_migrations=0),))
     sim = _run(replace(sc, budget=quiet), Liftoff(sc.liftoff_window_s, sc.liftoff_interval_s, quiet))
