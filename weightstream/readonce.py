@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ from weightstream.api import Checkpoint, NameFilter, TensorStream, name_filter, 
 from weightstream.engine import StreamStats
 from weightstream.errors import WeightsError
 from weightstream.format import TensorInfo
+from weightstream.hostsink import allocate_host
 from weightstream.plan import TensorSlice
 from weightstream.tp import split_bounds
 
@@ -242,15 +244,25 @@ class SharedStream:
             pieces.append(tensor)
         return pieces
 
-    def _issue(self, window: Window, pieces: list[torch.Tensor]) -> tuple[list[torch.Tensor], list, list]:
-        """Allocate the window's tensors, start the broadcasts; returns (tensors, packs to unpack, works)."""
-        outputs: list[torch.Tensor | None] = [None] * len(window.tensors)
+    def _allocate(self, window: Window) -> tuple[list[torch.Tensor | None], dict[int, torch.Tensor]]:
+        """The window's receive memory: every tensor this rank does not fetch whole, and each multi-piece pack.
+        Runs in a helper thread while this rank's pieces download (populating pages costs CPU time)."""
+        whole_mine = {share.tensor for share, _ in window.layout[self.rank] if share.rows is None}
+        outputs: list[torch.Tensor | None] = [
+            None if index in whole_mine else self._empty(info.nbytes).view(info.torch_dtype).reshape(info.shape)
+            for index, info in enumerate(window.tensors)
+        ]
+        packs = {src: self._empty(window.pack_bytes[src]) for src in range(self.world) if len(window.layout[src]) > 1}
+        return outputs, packs
+
+    def _issue(
+        self, window: Window, pieces: list[torch.Tensor], allocated: tuple[list[torch.Tensor | None], dict[int, torch.Tensor]]
+    ) -> tuple[list[torch.Tensor], list, list]:
+        """Start the window's broadcasts; returns (tensors, packs to unpack, works)."""
+        outputs, buffers = allocated
         for (share, _), piece in zip(window.layout[self.rank], pieces, strict=True):
             if share.rows is None:
                 outputs[share.tensor] = piece  # a whole tensor this rank fetched: it owns its memory already
-        for index, info in enumerate(window.tensors):
-            if outputs[index] is None:
-                outputs[index] = torch.empty(info.shape, dtype=info.torch_dtype, device=self.device)
         tensors: list[torch.Tensor] = outputs  # type: ignore[assignment]
         flats = [_byte_view(t) for t in tensors]
         mine = {id(share): piece for (share, _), piece in zip(window.layout[self.rank], pieces, strict=True)}
@@ -266,7 +278,7 @@ class SharedStream:
                 if src == self.rank and share.rows is not None:
                     buffer.copy_(_byte_view(mine[id(share)]))
             else:
-                buffer = torch.empty(window.pack_bytes[src], dtype=torch.uint8, device=self.device)
+                buffer = buffers[src]
                 if src == self.rank:
                     for share, offset in layout:
                         piece = _byte_view(mine[id(share)])
@@ -288,6 +300,12 @@ class SharedStream:
                 )
         return tensors, packs, works
 
+    def _empty(self, nbytes: int) -> torch.Tensor:
+        """Bytes to receive into: on CPU prefaulted (MAP_POPULATE), which gloo fills ~3x faster than fresh pages."""
+        if self.device.type == "cpu":
+            return allocate_host(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
     @staticmethod
     def _unpack(tensors: list[torch.Tensor], packs: list) -> None:
         for layout, buffer in packs:
@@ -305,6 +323,7 @@ class SharedStream:
         checkpoint: Checkpoint | None = None
         mine: Iterator[tuple[str, torch.Tensor]] | None = None
         own_stream = None
+        helper = ThreadPoolExecutor(1, thread_name_prefix="weightstream-alloc")
         try:
             try:
                 checkpoint = self.source if isinstance(self.source, Checkpoint) else open(self.source, **self.open_kwargs)  # type: ignore[arg-type]
@@ -326,7 +345,9 @@ class SharedStream:
                 }
                 own_stream = checkpoint.stream(device=self.device, filter=names, slices=slices, coalesce_gap=0)
                 mine = iter(own_stream)
+                allocating = helper.submit(self._allocate, windows[0]) if windows else None
                 pieces = self._fetch(windows[0], mine) if windows else []
+                allocated = allocating.result() if allocating else None
             except _PeerFailed:
                 raise
             except Exception:
@@ -336,21 +357,23 @@ class SharedStream:
                 raise
             aligned = False
             self._status(False, print_)
-            pending = self._issue(windows[0], pieces) if windows else None
+            pending = self._issue(windows[0], pieces, allocated) if allocated else None
             aligned = True
             next_window = 1
             for index in range(len(windows)):
                 upcoming = None
                 if index + 1 < len(windows):
                     try:
+                        allocating = helper.submit(self._allocate, windows[index + 1])
                         pieces = self._fetch(windows[index + 1], mine)
+                        allocated = allocating.result()
                     except Exception:
                         aligned = False
                         self._status(True, 0)
                         raise
                     aligned = False
                     self._status(False, print_)
-                    upcoming = self._issue(windows[index + 1], pieces)
+                    upcoming = self._issue(windows[index + 1], pieces, allocated)
                     aligned = True
                     next_window = index + 2
                 assert pending is not None
@@ -372,6 +395,7 @@ class SharedStream:
                     pass
             raise
         finally:
+            helper.shutdown(wait=True)
             if mine is not None:
                 close = getattr(mine, "close", None)
                 if close is not None:
