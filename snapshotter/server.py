@@ -9,7 +9,6 @@ import socket
 import stat
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ import grpc
 from layerstore.errors import LiftoffError
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from layerstore.systemd import notify_systemd
+from snapshotter.grpcsocket import start_unix_server
 from snapshotter.layout import Layout
 from snapshotter.metrics import Metrics, parse_address
 from snapshotter.service import SnapshotService
@@ -56,21 +56,14 @@ def prepare_socket(path: Path) -> None:
 def build_server(store: SnapshotStore, socket_path: Path, metrics: Metrics, workers: int = 16) -> grpc.Server:
     """A started gRPC server answering the Snapshots API on `socket_path`."""
     prepare_socket(socket_path)
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshots"),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+    return start_unix_server(
+        socket_path,
+        SOCKET_MODE,
+        lambda server: pb_grpc.add_SnapshotsServicer_to_server(SnapshotService(store, metrics), server),
+        workers=workers,
+        name="snapshots",
+        max_message=MAX_MESSAGE,
     )
-    pb_grpc.add_SnapshotsServicer_to_server(SnapshotService(store, metrics), server)
-    old_umask = os.umask(0o117)
-    try:
-        server.add_insecure_port(f"unix:{socket_path}")
-    except RuntimeError as e:
-        raise LiftoffError(f"cannot listen on {socket_path}: {e}") from e
-    finally:
-        os.umask(old_umask)
-    os.chmod(socket_path, SOCKET_MODE)
-    server.start()
-    return server
 
 
 def serve(

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from snapshotter.fuse_server import opcode_name
 from snapshotter.fused.daemon import FuseDaemon
 from snapshotter.fused.recording import NotRecording
 from snapshotter.fused.views import ViewSpec
+from snapshotter.grpcsocket import start_unix_server
 from snapshotter.prefetch import ProfileChunk
 
 log = logging.getLogger(__name__)
@@ -195,21 +195,11 @@ def serve_control(daemon: FuseDaemon, socket_path: Path) -> grpc.Server:
     """Start answering the Fused service on `socket_path` (mode 0600; a stale socket is replaced:
     fused.lock, held by the daemon, ensures no other daemon serves this root)."""
     socket_path.unlink(missing_ok=True)
-    server = grpc.server(
-        ThreadPoolExecutor(WORKERS, thread_name_prefix="control"),
-        options=[
-            ("grpc.max_receive_message_length", fuse_control.MAX_MESSAGE),
-            ("grpc.max_send_message_length", fuse_control.MAX_MESSAGE),
-        ],
+    return start_unix_server(
+        socket_path,
+        SOCKET_MODE,
+        lambda server: pb_grpc.add_FusedServicer_to_server(FusedService(daemon), server),
+        workers=WORKERS,
+        name="control",
+        max_message=fuse_control.MAX_MESSAGE,
     )
-    pb_grpc.add_FusedServicer_to_server(FusedService(daemon), server)
-    old = os.umask(0o177)
-    try:
-        server.add_insecure_port(f"unix:{socket_path}")
-    except RuntimeError as e:
-        raise LiftoffError(f"cannot listen on {socket_path}: {e}") from None
-    finally:
-        os.umask(old)
-    os.chmod(socket_path, SOCKET_MODE)
-    server.start()
-    return server

@@ -79,5 +79,6 @@ def test_systemd_unit():
     assert unit["Service"]["Restart"] == "on-failure"
     assert unit["Service"]["Type"] == "notify"
     exec_start = unit["Service"]["ExecStart"].split()
-    assert exec_start[1:2] == ["snapshotter"] and "--socket" in exec_start and "--root" in exec_start
+    assert exec_start[1:3] == ["--config", "/etc/liftoff/config.toml"]  # settings from the one config file
+    assert exec_start[3:4] == ["snapshotter"] and "--socket" in exec_start and "--root" in exec_start
     assert unit["Service"]["RuntimeDirectoryMode"] == "0700"
