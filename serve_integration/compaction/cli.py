@@ -32,6 +32,30 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draining-nodes", type=int, default=4, help="nodes draining at once (default 4)")
     p.add_argument("--max-moving-per-deployment", type=int, help="replicas of one deployment migrating at once")
     p.add_argument(
+        "--max-migrations",
+        type=parse_max_migrations,
+        metavar="N",
+        help="replicas one plan may migrate in all (0: only empty nodes go)",
+    )
+    p.add_argument(
+        "--budget",
+        action="append",
+        type=parse_budget_window,
+        default=[],
+        metavar="HH:MM-HH:MM=N",
+        help="at most N migrations per plan in this daily window, local time (repeatable; the first match wins), "
+        "e.g. 09:00-18:00=0 for none during the day",
+    )
+    p.add_argument(
+        "--warmup-seconds",
+        action="append",
+        type=parse_warmup,
+        default=[],
+        metavar="[APP/DEPLOYMENT=]SECONDS",
+        help=f"never move a replica started less than this long ago (default {DEFAULT_WARMUP_S:g}; 0: off); "
+        "APP/DEPLOYMENT=SECONDS sets one deployment's (repeatable)",
+    )
+    p.add_argument(
         "--min-healthy-fraction",
         type=float,
         default=0.5,
@@ -126,6 +150,60 @@ def register(subparsers) -> None:
     p.set_defaults(run=run_simulate)
 
 
+DEFAULT_WARMUP_S = 300.0
+
+
+def parse_max_migrations(text: str) -> int:
+    """`--max-migrations N`: a count >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of migrations >= 0, got {text!r}")
+    return n
+
+
+def parse_budget_window(text: str):
+    """`--budget 09:00-18:00=0`: a daily window (local time) and the migrations one plan may make in it."""
+    from serve_integration.compaction.planner import BudgetWindow
+
+    window, eq, raw = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"expected HH:MM-HH:MM=MAX_MIGRATIONS (e.g. 09:00-18:00=0), got {text!r}")
+    try:
+        return BudgetWindow.parse(window, max_migrations=parse_max_migrations(raw.strip()))
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}; the form is HH:MM-HH:MM=MAX_MIGRATIONS (e.g. 09:00-18:00=0)") from None
+
+
+def parse_warmup(text: str) -> tuple[str, float]:
+    """`--warmup-seconds 300` (key "") or `--warmup-seconds app/deployment=900`."""
+    key, eq, raw = text.rpartition("=")
+    key = key.strip()
+    app, slash, name = key.partition("/")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 <= seconds < float("inf") or (eq and not (app and slash and name)):
+        raise argparse.ArgumentTypeError(
+            f"expected SECONDS >= 0 or APP/DEPLOYMENT=SECONDS (e.g. 300, chat/Model=900), got {text!r}"
+        )
+    return key, seconds
+
+
+def _warmup(args: argparse.Namespace) -> tuple[float, dict[str, float]]:
+    """The default load time (the last bare --warmup-seconds) and the per-deployment ones."""
+    default, per = DEFAULT_WARMUP_S, {}
+    for key, seconds in getattr(args, "warmup_seconds", None) or []:
+        if key:
+            per[key] = seconds
+        else:
+            default = seconds
+    return default, per
+
+
 POLICY_NAMES = ("none", "ray", "ray-active", "karpenter", "liftoff", "liftoff+advice", "optimum")
 
 
@@ -140,6 +218,8 @@ def _budget(args: argparse.Namespace):
         min_healthy_fraction=args.min_healthy_fraction,
         min_savings_per_hour=args.min_savings,
         migration_penalty_per_hour=args.migration_penalty,
+        max_migrations=getattr(args, "max_migrations", None),
+        windows=tuple(getattr(args, "budget", None) or ()),
     )
 
 
@@ -169,7 +249,8 @@ def _connect(args: argparse.Namespace):
     from serve_integration.compaction.cluster import Pricing, RayCluster
 
     pricing = Pricing.load(args.prices, default=args.default_price, label=args.price_label)
-    return RayCluster(args.address, pricing, scheduling=args.scheduling)
+    load_time_s, load_times = _warmup(args)
+    return RayCluster(args.address, pricing, scheduling=args.scheduling, load_time_s=load_time_s, load_times=load_times)
 
 
 def _config(args: argparse.Namespace):

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +113,23 @@ def _node_names(info: Any, labels: Mapping[str, str]) -> list[str]:
 class RayCluster:
     """A connection to a running Ray cluster with Serve: snapshots, drains, and the GCS key-value store."""
 
-    def __init__(self, address: str | None = None, pricing: Pricing | None = None, scheduling: str = "spread"):
+    def __init__(
+        self,
+        address: str | None = None,
+        pricing: Pricing | None = None,
+        scheduling: str = "spread",
+        load_time_s: float = 0.0,
+        load_times: Mapping[str, float] | None = None,
+    ):
+        """`load_time_s`: seconds after a replica's start during which compaction leaves it alone (0: never);
+        `load_times`: the same per deployment ("app/deployment" -> seconds), overriding it."""
         import ray
 
         self.pricing = pricing or Pricing()
         self.scheduling = scheduling
+        self.load_time_s = load_time_s
+        self.load_times = dict(load_times or {})
+        self._unknown_warned: set[str] = set()
         if address and address != "auto" and not ray.is_initialized():
             _check_reachable(address)
         try:
@@ -205,23 +217,8 @@ class RayCluster:
         pgs = self.placement_groups()
         actors = self.actors()
 
-        deployments: dict[str, Deployment] = {}
-        replicas: list[Replica] = []
-        serve_used: dict[str, dict[str, float]] = {}
-        for app_name, app in (details.get("applications") or {}).items():
-            for dep_name, dd in (app.get("deployments") or {}).items():
-                reps = dd.get("replicas") or []
-                dep = _deployment(app_name, dep_name, dd, [pgs.get(r.get("actor_name") or "") for r in reps])
-                deployments[dep.key] = dep
-                for r in reps:
-                    node = r.get("node_id")
-                    if not node:
-                        continue  # not placed yet (PENDING_ALLOCATION): the state is not stable anyway
-                    pg = pgs.get(r.get("actor_name") or "")
-                    used_here = _replica_usage_on_nodes(dep, pg, node)
-                    for n, res in used_here.items():
-                        serve_used[n] = add(serve_used.get(n, {}), res)
-                    replicas.append(Replica(str(r["replica_id"]), dep.key, node, _enum(r.get("state"))))
+        deployments, replicas, serve_used = serve_model(details, pgs, self.load_time_s, self.load_times)
+        self._check_load_times(deployments)
 
         foreign_actors: dict[str, list[str]] = {}
         for a in actors:
@@ -271,6 +268,17 @@ class RayCluster:
             )
         return ClusterState(nodes, deployments, replicas, taken_at=time.time(), scheduling=self.scheduling)
 
+    def _check_load_times(self, deployments: Mapping[str, Deployment]) -> None:
+        """Warn once per name when a per-deployment load time names no deployment (a typo protects nothing)."""
+        for key in sorted(set(self.load_times) - set(deployments) - self._unknown_warned):
+            self._unknown_warned.add(key)
+            log.warning(
+                "--warmup-seconds %s=...: no deployment %s on the cluster (deployments: %s)",
+                key,
+                key,
+                ", ".join(sorted(deployments)) or "none",
+            )
+
     # --- actions ------------------------------------------------------------------------------
     def drain(self, node_id: str, deadline_ms: int, message: str) -> None:
         """Drain a node with reason PREEMPTION (cannot be refused); deadline 0 means none."""
@@ -305,6 +313,41 @@ def _check_reachable(address: str) -> None:
         raise ClusterError(
             f"nothing answers at {address} ({e.strerror or e}): pass the head node's GCS address (ray start --head prints it)"
         ) from None
+
+
+def serve_model(
+    details: Mapping,
+    pgs: Mapping[str, dict],
+    load_time_s: float = 0.0,
+    load_times: Mapping[str, float] | None = None,
+) -> tuple[dict[str, Deployment], list[Replica], dict[str, dict[str, float]]]:
+    """Deployments, placed replicas and the resources they hold per node, from Serve's instance details.
+
+    `details` is what the Serve controller's `get_serve_instance_details` returns (the JSON form of
+    `ServeInstanceDetails`). A replica's `ready_at` is its `start_time_s`: Serve reports when the replica
+    actor started (or when a restarted controller recovered it), not when it became RUNNING, so a load
+    time here counts from the start and should include the model's loading.
+    """
+    load_times = load_times or {}
+    deployments: dict[str, Deployment] = {}
+    replicas: list[Replica] = []
+    serve_used: dict[str, dict[str, float]] = {}
+    for app_name, app in (details.get("applications") or {}).items():
+        for dep_name, dd in (app.get("deployments") or {}).items():
+            reps = dd.get("replicas") or []
+            dep = _deployment(app_name, dep_name, dd, [pgs.get(r.get("actor_name") or "") for r in reps])
+            dep = replace(dep, load_time_s=float(load_times.get(dep.key, load_time_s)))
+            deployments[dep.key] = dep
+            for r in reps:
+                node = r.get("node_id")
+                if not node:
+                    continue  # not placed yet (PENDING_ALLOCATION): the state is not stable anyway
+                pg = pgs.get(r.get("actor_name") or "")
+                for n, res in _replica_usage_on_nodes(dep, pg, node).items():
+                    serve_used[n] = add(serve_used.get(n, {}), res)
+                started = float(r.get("start_time_s") or 0.0)  # 0: Serve has not started the actor yet
+                replicas.append(Replica(str(r["replica_id"]), dep.key, node, _enum(r.get("state")), started or None))
+    return deployments, replicas, serve_used
 
 
 def _enum(value: Any) -> str:

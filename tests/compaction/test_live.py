@@ -66,13 +66,21 @@ def _ids(live, *names):
 def test_plan_cli_drains_the_expensive_nodes(live):
     placement = live.placement()
     assert "chat" in placement["e1"] and "chat" in placement["e2"], placement  # the story held
-    out = run_cli("compact", "plan", "--address", live.address, "--json", timeout=120)
+    out = run_cli("compact", "plan", "--address", live.address, "--warmup-seconds", "0", "--json", timeout=120)
     doc = json.loads(out.stdout)
     plan = doc["plan"]
     assert set(plan["remove"]) >= _ids(live, "e1", "e2")
     assert plan["cost_after"] == pytest.approx(4.5)  # head $0.50 + both L4 nodes
     assert plan["solver"] == "milp" and plan["optimal"]
-    table = run_cli("compact", "plan", "--address", live.address, timeout=120).stdout
+    # every replica started within the hour: all still warming up; then no migrations allowed all day
+    for flags, why in (
+        (["--warmup-seconds", "3600"], "still warming up"),
+        (["--warmup-seconds", "0", "--budget", "00:00-24:00=0"], "migration(s) per plan"),
+    ):
+        held = json.loads(run_cli("compact", "plan", "--address", live.address, *flags, "--json", timeout=120).stdout)
+        assert not set(held["plan"]["remove"]) & _ids(live, "e1", "e2"), held["plan"]
+        assert all(why in held["plan"]["blocked"][n] for n in _ids(live, "e1", "e2")), held["plan"]["blocked"]
+    table = run_cli("compact", "plan", "--address", live.address, "--warmup-seconds", "0", timeout=120).stdout
     assert "drain in wave" in table and "keep (head)" in table and "h100x2" in table
 
 
@@ -86,7 +94,7 @@ def test_compact_run_empties_the_expensive_nodes_with_no_failed_request(live, tm
     state_file = tmp_path / "inflight.json"
     try:
         rc = liftoff_cli.main([
-            "compact", "run", "--address", live.address, "--once", "--provider", "test-cluster-utils",
+            "compact", "run", "--address", live.address, "--once", "--provider", "test-cluster-utils", "--warmup-seconds", "0",
             "--state", str(state_file), "--stability-window", "0", "--interval", "1",
             "--replica-start-timeout", "60", "--release-timeout", "30", "--poll", "0.5",
         ])  # fmt: skip
