@@ -96,11 +96,18 @@ def register(subparsers) -> None:
         help="do not ask the kernel (6.9+) to resend the requests a dead daemon left unanswered (for tests of older kernels)",
     )
     f.add_argument(
+        "--passthrough",
+        dest="fuse_passthrough",
+        action="store_true",
+        default=False,
+        help="where the kernel offers FUSE passthrough (6.9+), let it read files whose bytes are all local from whole "
+        "local copies (off by default: measured, it costs more fused CPU per start than it saves; benchmarks/RESULTS.md)",
+    )
+    f.add_argument(
         "--no-passthrough",
         dest="fuse_passthrough",
         action="store_false",
-        help="serve every read through the daemon, as on kernels before 6.9 (default: where the kernel offers FUSE "
-        "passthrough, files whose bytes are all local are read by the kernel from whole local copies)",
+        help="serve every read through the daemon (the default; as on kernels before 6.9)",
     )
     f.add_argument(
         "--metrics-address",

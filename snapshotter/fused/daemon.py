@@ -55,7 +55,7 @@ class FuseDaemon:
         fetch_retry_seconds: float = 30.0,
         fd_store: FdStore | None = None,
         resend: bool = True,
-        passthrough: bool = True,
+        passthrough: bool = False,
         lock_wait: float = 0.0,
         metrics: FusedMetrics | None = None,
     ) -> None:

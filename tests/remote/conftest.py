@@ -168,13 +168,13 @@ def stack(tmp_path_factory, store_url) -> Stack:
     s.stop()
 
 
-@pytest.fixture(scope="module", params=["passthrough", "no-passthrough"])
+@pytest.fixture(scope="module", params=["no-passthrough", "passthrough"])
 def data_path_stack(request, tmp_path_factory, store_url) -> Stack:
-    """The module's stack (FUSE passthrough where the kernel has it), then one whose daemon runs with
-    --no-passthrough: every read through the daemon, as on kernels before 6.9."""
-    if request.param == "passthrough":
+    """The module's stack (every read through the daemon: the default, and the path of kernels before 6.9),
+    then one whose daemon runs with --passthrough (FUSE passthrough of whole local files, 6.9+)."""
+    if request.param == "no-passthrough":
         yield request.getfixturevalue("stack")
         return
-    s = start_stack(tmp_path_factory.mktemp("stack-no-passthrough"), store_url, fused_args=["--no-passthrough"])
+    s = start_stack(tmp_path_factory.mktemp("stack-passthrough"), store_url, fused_args=["--passthrough"])
     yield s
     s.stop()
