@@ -164,7 +164,8 @@ def run_replicate(args: argparse.Namespace) -> int:
     if bool(args.images) == bool(args.all):
         raise LiftoffError("name the images to replicate, or pass --all")
     options = store_options(args)
-    stats = replicate(open_store(args.from_url, **options), open_store(args.to_url, **options), args.images or None)
+    source, target = open_store(args.from_url, **options), open_store(args.to_url, **options)
+    stats = replicate(source, target, args.images or None, progress=False if args.json else None)
     if args.json:
         print(json.dumps(stats.__dict__))
     else:

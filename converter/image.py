@@ -163,14 +163,13 @@ def _convert_manifest(source, stores, options, uploader, node: Node) -> Manifest
     specs = [LayerSpec(x.descriptor.digest, x.descriptor.size, x.descriptor.media_type, x.diff_id) for x in layers]
     chains = [x.chain_id for x in layers]
     platform = config_platform(parsed)
-    options.progress.begin(what, len(specs))
+    options.progress.begin(what, sum(spec.size for spec in specs))  # compressed bytes: what is read
 
     def one(i: int) -> LayerResult:
         try:
             result = _convert_one_layer(source, stores, options, uploader, specs[i], chains[i])
         except LiftoffError as e:
             raise type(e)(f"{what}: layer {i + 1}/{len(specs)} {specs[i].digest}: {e}") from None
-        options.progress.layer_done()
         return result
 
     with ThreadPoolExecutor(max(1, options.layer_jobs), thread_name_prefix="layer") as pool:
@@ -220,14 +219,17 @@ def _convert_one_layer(source, stores, options, uploader, spec: LayerSpec, chain
         if existing.diff_id != spec.diff_id:
             raise ImageError(f"uncompressed digest {existing.diff_id} does not match the config's diff_id {spec.diff_id}")
         files = len(existing.entries)
+        options.progress.skip(spec.size)
         return LayerResult(spec.digest, spec.diff_id, chain_id, existing.tar_size, files, len(existing.chunks), 0, 0, True)
     with source.open_blob(spec.digest) as raw:
         blob = BoundedReader(  # stops one byte past the declared size, and at the fetch deadline
-            raw, limit=spec.size, seconds=fetch_deadline(spec.size, options.fetch_timeout), what="the blob"
+            raw,
+            limit=spec.size,
+            seconds=fetch_deadline(spec.size, options.fetch_timeout),
+            what="the blob",
+            on_read=options.progress.read,
         )
-        converted = convert_layer(
-            spec, blob, uploader, options.chunk_size, lambda n: options.progress.layer_bytes(spec.digest, n)
-        )
+        converted = convert_layer(spec, blob, uploader, options.chunk_size)
     data = encode_index(converted.index)
     for store in stores:
         store.sync()  # chunks are durable before the index that names them

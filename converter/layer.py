@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -21,8 +20,6 @@ from layerstore.index import FORMAT_MAJOR, FORMAT_MINOR
 from layerstore.oci.mediatypes import layer_compression
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
 from layerstore.tarstream import TarEntry, TarReader
-
-Progress = Callable[[int], None]  # called with uncompressed bytes read so far
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,6 @@ def convert_layer(
     blob: BinaryIO,
     uploader: ChunkUploader,
     chunk_size: int,
-    progress: Progress | None = None,
 ) -> ConvertedLayer:
     """Stream one layer blob into chunks in the stores and return its index.
 
@@ -69,8 +65,6 @@ def convert_layer(
             for entry in reader:
                 extents = chunker.add_file(entry.size, reader.readinto) if entry.type == pb.ENTRY_TYPE_REGULAR else []
                 entries.append((entry, extents))
-                if progress is not None:
-                    progress(tar_stream.count)
             chunker.flush()
             compressed.drain()
         except urllib3.exceptions.HTTPError as e:

@@ -1,57 +1,37 @@
-"""A one-line progress display for conversions, shown only on a terminal."""
+"""Conversion progress: compressed layer bytes read of the manifest's total, one line per image (on a terminal)."""
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
+from typing import TextIO
+
+from layerstore.progress import ProgressLine
 
 
 class Progress:
-    """Aggregates uncompressed bytes across concurrently converted layers."""
+    """The progress of a conversion: begin() each image with its layers' compressed sizes, then count bytes read."""
 
-    def __init__(self, enabled: bool | None = None, stream=sys.stderr) -> None:
-        self.enabled = stream.isatty() if enabled is None else enabled
+    def __init__(self, enabled: bool | None = None, stream: TextIO | None = None) -> None:
+        self.enabled = enabled
         self.stream = stream
-        self._lock = threading.Lock()
-        self._bytes: dict[str, int] = {}
-        self._layers_total = 0
-        self._layers_done = 0
-        self._started = time.monotonic()
-        self._last = 0.0
-        self.label = ""
+        self._line: ProgressLine | None = None
 
-    def begin(self, label: str, layers: int) -> None:
-        """Start a manifest's layers."""
-        with self._lock:
-            self.label, self._layers_total, self._layers_done = label, layers, 0
-        self._draw(force=True)
+    def begin(self, label: str, total: int) -> None:
+        """Start an image whose layer blobs are `total` compressed bytes (ends the previous image's line)."""
+        self.close()
+        self._line = ProgressLine(total, label, stream=self.stream, enabled=self.enabled)
+        self.enabled = self._line.enabled  # decided once: a terminal stays a terminal
 
-    def layer_bytes(self, layer: str, count: int) -> None:
-        """Record that `count` uncompressed bytes of `layer` were converted so far."""
-        with self._lock:
-            self._bytes[layer] = count
-        self._draw()
+    def read(self, n: int) -> None:
+        """`n` more compressed bytes of a layer blob read (called from the blob's reader threads)."""
+        if self._line is not None:
+            self._line.advance(n)
 
-    def layer_done(self) -> None:
-        with self._lock:
-            self._layers_done += 1
-        self._draw(force=True)
-
-    def _draw(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
-        total = sum(self._bytes.values())
-        rate = total / max(now - self._started, 1e-6)
-        line = f"\r{self.label}: layers {self._layers_done}/{self._layers_total}  {total / 1e6:8.1f} MB  {rate / 1e6:6.1f} MB/s"
-        self.stream.write(line)
-        self.stream.flush()
+    def skip(self, n: int) -> None:
+        """A layer of `n` compressed bytes that was already converted."""
+        if self._line is not None:
+            self._line.skip(n)
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._line is not None:
+            self._line.close()
+            self._line = None

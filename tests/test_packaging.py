@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-FOUNDATION = {f"layerstore/{name}.py" for name in ("__init__", "errors", "retry", "s3url", "units")}
+FOUNDATION = {f"layerstore/{name}.py" for name in ("__init__", "errors", "progress", "retry", "s3url", "units")}
 SERVE_GLUE = {f"serve_integration/{name}.py" for name in ("__init__", "apps", "llm", "replica")}
 
 # Run with -I -S: no repository, no current directory, no .pth files (so not the editable install of liftoff-serving);

@@ -88,6 +88,8 @@ def _peak_rss_mb() -> float:
 def run_load(args: argparse.Namespace) -> int:
     import torch
 
+    from layerstore.progress import ProgressLine
+    from weightstream.api import name_filter
     from weightstream.errors import WeightsError
 
     dtype = None
@@ -96,8 +98,20 @@ def run_load(args: argparse.Namespace) -> int:
         if not isinstance(dtype, torch.dtype):
             raise WeightsError(f"unknown dtype {args.dtype!r}: use a torch dtype name (bfloat16, float16, float32)")
     with _open(args) as checkpoint:
+        keep = name_filter(args.filter)
+        total = sum(t.nbytes for t in checkpoint.tensors.values() if keep(t.name))
         stream = checkpoint.stream(device=args.device, dtype=dtype, filter=args.filter, hold_all=True)
-        state = dict(stream)
+        with ProgressLine(total, f"load {checkpoint.url}", enabled=False if args.json else None) as line:
+
+            def fetched() -> int:  # bytes in memory, of the tensors' bytes
+                return min(stream.stats.bytes_fetched, total)
+
+            line.follow(fetched)  # also while a file's tensors wait for its sha256
+            state = {}
+            for name, tensor in stream:
+                state[name] = tensor
+                line.set(fetched())
+            line.close(total)
         stats = stream.stats
         summary = {
             "url": checkpoint.url,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 from layerstore.errors import ImageError, RegistryError
@@ -56,8 +57,10 @@ class BoundedReader(io.RawIOBase):
         what: str,
         declared: str = "the manifest declares",
         expected: int | None = None,
+        on_read: Callable[[int], None] | None = None,
     ) -> None:
-        """`declared` says where `limit` came from; `expected` is the size shown in a deadline error (default `limit`)."""
+        """`declared` says where `limit` came from; `expected` is the size shown in a deadline error (default `limit`);
+        `on_read(n)` is told of every read's byte count (progress)."""
         self.raw = raw
         self.limit = limit
         self.expected = limit if expected is None else expected
@@ -65,6 +68,7 @@ class BoundedReader(io.RawIOBase):
         self.what = what
         self.declared = declared
         self.count = 0
+        self.on_read = on_read
         self.started = time.monotonic()
         self._readinto1 = getattr(raw, "readinto1", None)
         self._read1 = getattr(raw, "read1", None)
@@ -87,6 +91,8 @@ class BoundedReader(io.RawIOBase):
             n = len(data)
             view[:n] = data
         self.count += n
+        if self.on_read is not None and n:
+            self.on_read(n)
         if self.count > self.limit:
             raise ImageError(
                 f"{self.what} sends more than the {self.limit} bytes {self.declared} (stopped after {self.count}): "

@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PACKAGES = ["weightstream"]
-FOUNDATION = [f"layerstore/{name}.py" for name in ("__init__", "errors", "retry", "s3url", "units")]
+FOUNDATION = [f"layerstore/{name}.py" for name in ("__init__", "errors", "progress", "retry", "s3url", "units")]
 # the Ray Serve glue (deploy/k8s/rayservice.yaml's import_path): ray only, the image's own; not compaction/ or examples/
 SERVE_GLUE = [f"serve_integration/{name}.py" for name in ("__init__", "apps", "llm", "replica")]
 
