@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cold start: containerd's own overlayfs pull + run against liftoff's lazy pull + run, side by side.
 
-    scripts/bench coldstart [--runs 3] [--images torch,python] [--settings unshaped,shaped] [--keys a,b,c,d]
+    scripts/bench coldstart [--runs 3] [--images torch,python] [--settings unshaped,shaped] [--keys a,b,c,d] [--plot PNG]
 
 Images (benchmarks/build_images.py): `torch` (python3 + numpy + torch 2.13 CPU, ~350 MB gzip)
 running `python3 -c "import torch; print(torch.__version__)"`, and `python` (python3 only).
@@ -20,7 +20,8 @@ behind the same userspace shaping proxy (benchmarks/shaping_proxy.py), unshaped 
 
 Reported: medians (min-max) of pull, run and pull+run seconds, bytes from the registry and the
 store, the FUSE daemon's CPU seconds over pull + first run and its requests by opcode, and the
-ratios (a)/(c).
+ratios (a)/(c); the results as JSON (--out) and as a picture of each contender's pull and first run
+and the bytes it fetched (--plot, benchmarks/plots.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from benchmarks.benchlib import drop_caches, load_average, machine, table
 from benchmarks.build_images import ensure_images
+from benchmarks.plots import coldstart_plot
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, Shaping, ShapingProxy
 from liftoff.devstack.services import push_layout, start_nginx, start_registry
 from snapshotter.localnode import start_containerd
@@ -202,6 +204,7 @@ def main() -> None:
     parser.add_argument("--settings", default="unshaped,shaped")
     parser.add_argument("--keys", default="a,b,c,d", help="which of (a)-(d) to run (a and c always run)")
     parser.add_argument("--out", type=Path, default=WORK.parent / "coldstart.json")
+    parser.add_argument("--plot", type=Path, help="the timeline picture (PNG; default: --out with .png)")
     args = parser.parse_args()
     images = args.images.split(",")
     keys = set(args.keys.split(",")) | {"a", "c"}
@@ -249,7 +252,8 @@ def main() -> None:
         nginx.stop()
         registry.stop()
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"machine: {machine()}; load average {load_average():.1f}; results in {args.out}")
+    plot = coldstart_plot(report, args.plot or args.out.with_suffix(".png"))
+    print(f"machine: {machine()}; load average {load_average():.1f}; results in {args.out}, timeline in {plot}")
 
 
 def print_table(setting: str, name: str, results: Results, compressed: int, info: dict) -> None:

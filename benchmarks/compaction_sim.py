@@ -7,7 +7,8 @@ One command:
     python -m benchmarks.compaction_sim --scenario examples/compaction/small-cluster.yaml --seeds 1,2
 
 The cluster model, the traces and the policies live in `serve_integration/compaction/simulate.py` (also behind
-`liftoff compact simulate`); this script runs the standard scenario and formats the results.
+`liftoff compact simulate`); this script runs the standard scenario and formats the results, and draws $/h and
+worker nodes over the trace per policy for the first seed (--plot PATH; benchmarks/plots.py).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def markdown(res: dict, wall_s: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serve_integration.compaction.simulate import format_results, run_scenario, run_seeds
+    from benchmarks.plots import BENCH_DIR, compaction_plot
+    from serve_integration.compaction.simulate import default_scenario, format_results, run_scenario
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1,2,3,4,5")
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-advice", action="store_true", help="skip the run where the autoscaler follows node-swap advice")
     ap.add_argument("--json", metavar="PATH", help="write the raw results here")
     ap.add_argument("--text", action="store_true", help="plain table instead of markdown")
+    ap.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="$/h and nodes over the trace per policy, first seed (PNG; default: "
+        "--json with .png, else /var/tmp/liftoff-bench/compaction_sim.png)",
+    )
     args = ap.parse_args(argv)
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     started = time.perf_counter()
@@ -101,11 +109,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario:
             from serve_integration.compaction.scenario import load_scenario
 
-            res = run_scenario(load_scenario(args.scenario), seeds, advice=not args.no_advice)
+            scenario = load_scenario(args.scenario)
         else:
-            res = run_seeds(seeds, hours=args.hours, step_s=args.step, advice=not args.no_advice)
+            scenario = default_scenario(hours=args.hours, step_s=args.step)
+        res = run_scenario(scenario, seeds, advice=not args.no_advice, series=True)
     wall = time.perf_counter() - started
+    plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else BENCH_DIR / "compaction_sim.png")
+    compaction_plot(res, plot)
+    for seed in res["per_seed"]:  # the plot's time series stay out of the JSON
+        for run in seed["runs"].values():
+            run.pop("series", None)
     print(format_results(res) if args.text else markdown(res, wall))
+    print(f"\nplot: {plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isinf(o) else str(o))

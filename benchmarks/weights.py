@@ -5,6 +5,8 @@ One command:
     .venv/bin/python benchmarks/weights.py            # full run: ~2 GB, single + 8 shards, unshaped + shaped
     .venv/bin/python benchmarks/weights.py --sweep    # range size x concurrency grid for liftoff (picks defaults)
 
+The full run also draws GB/s per contender (--plot, default /var/tmp/liftoff-bench/weights.png).
+
 A synthetic ~2 GB checkpoint (one file and the same tensors in 8 shards) is
 written once under /var/tmp, in a file:// store directory served by Debian's
 nginx with path-style URLs (/bucket/key), which answers boto3's
@@ -40,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.plots import BENCH_DIR, weights_plot  # noqa: E402
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ProxyProcess, Shaping  # noqa: E402
 from liftoff.devstack.services import Nginx, start_nginx  # noqa: E402
 
@@ -438,7 +441,8 @@ def run_sweep(args: argparse.Namespace, nginx: Nginx) -> None:
                 print(f"| {shaping.label} | {range_mib} MiB | {concurrency} | {statistics.median(rates):.2f} |", flush=True)
 
 
-def run_main(args: argparse.Namespace, nginx: Nginx, info: dict) -> None:
+def run_main(args: argparse.Namespace, nginx: Nginx, info: dict) -> list[dict]:
+    """Every contender in every setting and layout; prints the table and returns its rows (for the plot)."""
     rows: list[tuple[str, str, str, dict]] = []
     for shaping, endpoint, _ in endpoints(nginx, args.settings):
         for layout in args.layouts:
@@ -479,6 +483,10 @@ def run_main(args: argparse.Namespace, nginx: Nginx, info: dict) -> None:
         )
     for line in gpu_report(args.dir):
         print("\n" + line)
+    return [
+        {"setting": setting, "layout": layout, "contender": LABELS[method], "gbps": result["gbps"]}
+        for setting, layout, method, result in rows
+    ]
 
 
 def main() -> int:
@@ -490,6 +498,7 @@ def main() -> int:
     parser.add_argument("--layouts", default="single,sharded", help="single,sharded")
     parser.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
     parser.add_argument("--sweep", action="store_true", help="range size x concurrency grid for liftoff instead")
+    parser.add_argument("--plot", type=Path, default=BENCH_DIR / "weights.png", help="GB/s per contender (PNG)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     parser.add_argument("--layout", help=argparse.SUPPRESS)
@@ -510,7 +519,8 @@ def main() -> int:
         if args.sweep:
             run_sweep(args, nginx)
         else:
-            run_main(args, nginx, info)
+            rows = run_main(args, nginx, info)
+            print(f"\nplot: {weights_plot(rows, args.plot)}")
     finally:
         nginx.stop()
     return 0
