@@ -25,7 +25,8 @@ from typing import BinaryIO, TypeVar
 
 import aiohttp
 
-from layerstore.oci.bounded import fetch_deadline, human
+from layerstore.oci.bounded import fetch_deadline
+from layerstore.units import format_size
 from registry_proxy.auth import identity_of
 from registry_proxy.blobcache import BlobCache
 from registry_proxy.errors import ProxyError, bad_gateway, gateway_timeout
@@ -264,13 +265,13 @@ class BlobFetcher:
         minimum average rate (layerstore.oci.bounded.fetch_deadline), so a trickle cannot hold a download forever."""
         if download.total is None and download.written > self.cache.capacity:
             raise bad_gateway(
-                f"upstream {client.name} sent more than the proxy's whole cache ({human(self.cache.capacity)}) "
+                f"upstream {client.name} sent more than the proxy's whole cache ({format_size(self.cache.capacity)}) "
                 f"for {what} without announcing a length; nothing was cached"
             )
         if elapsed > fetch_deadline(max(download.total or 0, download.written), self.fetch_timeout):
             self.metrics.upstream_errors.labels(client.name, "slow").inc()
             raise gateway_timeout(
-                f"upstream {client.name} sent only {human(download.written)} of {what} in {elapsed:.0f} s; "
+                f"upstream {client.name} sent only {format_size(download.written)} of {what} in {elapsed:.0f} s; "
                 "nothing was cached (a working link is faster: check the upstream)"
             )
 

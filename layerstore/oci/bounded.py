@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from layerstore.errors import ImageError, RegistryError
+from layerstore.units import format_size
 
 DEADLINE_FLOOR = 600.0  # seconds any fetch may take, however small
 DEADLINE_MIN_RATE = 256 << 10  # bytes/s a fetch must average beyond the floor
@@ -29,15 +30,6 @@ def fetch_deadline(size: int, explicit: float | None = None) -> float:
     if explicit is not None:
         return explicit
     return DEADLINE_FLOOR + max(0, size) / DEADLINE_MIN_RATE
-
-
-def human(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class BoundedReader(io.RawIOBase):
@@ -105,7 +97,7 @@ class BoundedReader(io.RawIOBase):
     def too_slow(self, elapsed: float) -> RegistryError:
         """The deadline error: which fetch, how much arrived in how long, and what to do."""
         return RegistryError(
-            f"{self.what}: only {human(self.count)} of {human(self.expected)} arrived in {elapsed:.1f} s "
+            f"{self.what}: only {format_size(self.count)} of {format_size(self.expected)} arrived in {elapsed:.1f} s "
             f"(deadline {self.seconds:.0f} s); on a slow link raise it with --fetch-timeout SECONDS, "
             "else the source is stalling: re-run later"
         )
