@@ -208,6 +208,7 @@ def test_controller_killed_mid_plan_resumes_after_restart(live, tmp_path):
     state = tmp_path / "inflight.json"
     cmd = [
         sys.executable, "-m", "liftoff", "--log-level", "info", "compact", "run", "--address", live.address, "--once",
+        "--warmup-seconds", "0",  # the replicas here started seconds ago: no warm-up protection
         "--state", str(state), "--provider", "ray", "--stability-window", "0", "--interval", "1",
         "--replica-start-timeout", "60", "--release-timeout", "60", "--poll", "0.5",
     ]  # fmt: skip
