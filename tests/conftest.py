@@ -15,6 +15,11 @@ from liftoff.devstack.services import Registry, S3Server, start_registry, start_
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_CREDENTIALS = ("liftoff", "s3cret-pass")
 
+# Ray Serve kills a proxy actor that is not ready within 5 s (and serve.start() then fails). On a 2-core CI
+# machine busy with other work, the proxy's own start (its imports) takes longer than that, so every Ray
+# cluster the tests start (they inherit this environment) gives it a minute.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory) -> Registry:
