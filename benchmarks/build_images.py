@@ -7,6 +7,14 @@ Tags in the layout:
   python: Debian bookworm minbase (debootstrap) + python3          2 layers
   torch:  python + a venv with numpy, + torch==2.13.0 (CPU)        4 layers
 The realistic image of the benchmarks: ~350 MB gzip, ~1.1 GB unpacked, ~30k files.
+
+    scripts/bench build_images --vllm [--dir /var/tmp/liftoff-bench/vllm-image]
+
+The seed-scale image (benchmarks/seedscale.py), its own layout with the tag `vllm`: minbase, + python3 and
+python3-venv, + a venv with `pip install vllm==0.33.0` (torch 2.14 with its CUDA wheels; ~4.6 GB gzip,
+~10 GB, ~110k files), 3 layers. Its wheels are downloaded once on the host into /var/tmp/liftoff-wheels/vllm
+(`pip download --only-binary=:all:`, the host's Python is the image's: CPython 3.11 on glibc 2.36) and
+installed in the chroot with `--no-index --find-links`.
 Layers are made with umoci (unpack, change the rootfs, repack: one layer per step).
 Needs root, debootstrap, umoci, and the Debian mirror configured for apt on this machine.
 """
@@ -24,6 +32,9 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_DIR = Path("/var/tmp/liftoff-bench/images")
+VLLM_DIR = Path("/var/tmp/liftoff-bench/vllm-image")
+VLLM_WHEELS = Path("/var/tmp/liftoff-wheels/vllm")
+VLLM_REQUIREMENT = "vllm==0.33.0"
 SUITE = "bookworm"
 
 
@@ -155,6 +166,52 @@ def build(out: Path) -> None:
         shutil.rmtree(wheels, ignore_errors=True)
 
 
+def build_vllm(out: Path, wheels: Path = VLLM_WHEELS) -> None:
+    """The seed-scale layout: minbase, + python3/python3-venv, + a venv with vLLM (one layer per step)."""
+    if not any(wheels.glob("vllm-*.whl")):
+        wheels.mkdir(parents=True, exist_ok=True)
+        run(sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(wheels), VLLM_REQUIREMENT)
+    layout = out.with_suffix(".building")
+    shutil.rmtree(layout, ignore_errors=True)
+    bundle = Path(tempfile.mkdtemp(prefix="liftoff-bundle-", dir="/var/tmp"))
+    image = f"{layout}:vllm"
+    try:
+        run("umoci", "init", "--layout", str(layout))
+        run("umoci", "new", "--image", image)
+        shutil.rmtree(bundle)
+        run("umoci", "unpack", "--image", image, str(bundle))
+        rootfs = bundle / "rootfs"
+        run("debootstrap", "--variant=minbase", SUITE, str(rootfs), debian_mirror())
+        clean_apt(rootfs)
+        run("umoci", "repack", "--refresh-bundle", "--image", image, str(bundle))
+        with Chroot(rootfs) as chroot:
+            chroot("apt-get", "update", "-qq")
+            chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", "python3", "python3-venv")
+        clean_apt(rootfs)
+        run("umoci", "repack", "--refresh-bundle", "--image", image, str(bundle))
+        with Chroot(rootfs, wheels) as chroot:
+            chroot("python3", "-m", "venv", "/opt/venv")
+            chroot("/opt/venv/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wheels", VLLM_REQUIREMENT)
+            for cache in (rootfs / "root/.cache").glob("*"):
+                shutil.rmtree(cache, ignore_errors=True)
+        run("umoci", "repack", "--refresh-bundle", "--image", image, str(bundle))
+        env = ["--config.env", "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+        run("umoci", "config", "--image", image, *env, "--config.cmd", "python3")
+        run("umoci", "gc", "--layout", str(layout))
+        layout.rename(out)
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(bundle / "rootfs/proc")], check=False, capture_output=True)
+        shutil.rmtree(bundle, ignore_errors=True)
+
+
+def ensure_vllm_image(directory: Path = VLLM_DIR) -> Path:
+    """The OCI layout with the tag `vllm`, built if missing."""
+    if not (directory / "index.json").exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        build_vllm(directory)
+    return directory
+
+
 def ensure_images(directory: Path = DEFAULT_DIR) -> Path:
     """The OCI layout with tags `python` and `torch`, built if missing."""
     if not (directory / "index.json").exists():
@@ -165,9 +222,13 @@ def ensure_images(directory: Path = DEFAULT_DIR) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--dir", type=Path, help=f"default {DEFAULT_DIR}, or {VLLM_DIR} with --vllm")
+    parser.add_argument("--vllm", action="store_true", help="build the seed-scale vLLM image instead")
     args = parser.parse_args()
-    print(ensure_images(args.dir))
+    if args.vllm:
+        print(ensure_vllm_image(args.dir or VLLM_DIR))
+    else:
+        print(ensure_images(args.dir or DEFAULT_DIR))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ COMMANDS = {
     "python": ["python3", "-c", "import sys, json, ssl; print(sys.version.split()[0])"],
 }
 BUCKET = "liftoff-bench"
+PULL_TIMEOUT = 1800.0  # containerd's unpack of a 10 GB image on a throttled disk takes minutes
 WARM: list[Path] = []  # the emulated remote servers' directories: kept in the page cache across runs
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -93,7 +94,7 @@ def measure_overlayfs(ref: str, command: list[str], workdir: Path, registry_prox
         drop_caches(WARM)
         before = registry_proxy.stats.bytes_down
         started = time.monotonic()
-        containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
+        containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref, timeout=PULL_TIMEOUT)
         pull = time.monotonic() - started
         started = time.monotonic()
         containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, "bench-cold", *command)

@@ -61,7 +61,7 @@ class Gp3Disk:
         try:
             _run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", self.device)
             self.mountpoint.mkdir(exist_ok=True)
-            _run("mount", "-o", "noatime", self.device, str(self.mountpoint))
+            _run("mount", "-o", "noatime,discard", self.device, str(self.mountpoint))
             if self.throttle:
                 for name, limit in THROTTLES.items():
                     (BLKIO / name).write_text(f"{self.major_minor} {limit}\n")

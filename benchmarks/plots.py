@@ -20,6 +20,8 @@ COLDSTART_LABELS = {
     "b": "(b) liftoff, no profile",
     "c": "(c) liftoff + profile",
     "d": "(d) (c), no passthrough",
+    "e": "(e) (c) by CRI PullImage",
+    "p": "(p) (c) + passthrough",
 }
 PHASES = (("pull", "pull", "#4c72b0"), ("run", "first run (until its output)", "#dd8452"))
 

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Cold start at the seeds' scale: the vLLM image on an emulated gp3 node, overlayfs against liftoff.
+
+    scripts/bench seedscale [--runs 3] [--keys a,b,c,e] [--no-gp3] [--out JSON] [--plot PNG]
+
+The image (benchmarks/build_images.py --vllm, cached under /var/tmp): Debian bookworm minbase + python3 + a
+venv with vllm 0.33.0 and its CUDA wheels, ~4.6 GB gzip, ~10 GB, ~110k files, 3 layers; the command is
+`python3 -c "import vllm; print(vllm.__version__)"` (no GPU needed). The node: containerd's root, liftoff's
+root and its chunk cache on ext4 on a loop device throttled like a gp3 volume (benchmarks/gp3.py: 125 MB/s
+and 3000 IOPS each way, buffered writes included). The registry (Debian's docker-registry) and the store
+(nginx, path-style S3) are the emulated remote: their files stay in the page cache, behind the shaping proxy
+at 20 ms per request, 100 MB/s per connection, 1.25 GB/s in all. Page caches dropped before every contender,
+fresh containerd and liftoff state each time. Contenders:
+
+  (a) containerd's overlayfs: ctr image pull, then ctr run
+  (b) liftoff, no profile: liftoff pull, then ctr run --snapshotter liftoff
+  (c) liftoff with the image's startup profile (recorded once beforehand)
+  (e) (c) pulled the Kubernetes way: CRI PullImage, containerd's own unpacker, no `liftoff pull` process
+  (p) (c) with `fused --passthrough` (optional key)
+  warm: the same run again right after each first run
+
+Printed: medians (min-max) of pull, first run, pull + first run and warm run; bytes fetched; the FUSE daemon's
+CPU seconds and requests by opcode over pull + first run; the issue's ratios. JSON (--out) and a timeline (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+from benchmarks import coldstart
+from benchmarks.benchlib import drop_caches, load_average, machine, table
+from benchmarks.build_images import VLLM_DIR, ensure_vllm_image
+from benchmarks.coldstart import AWS, BUCKET, Results, Sample, cpu_seconds, layer_bytes, liftoff, median_text
+from benchmarks.gp3 import Gp3Disk
+from benchmarks.plots import coldstart_plot
+from benchmarks.shaping_proxy import UNSHAPED, Shaping, ShapingProxy
+from liftoff.devstack.services import push_layout, start_nginx, start_registry
+
+WORK = Path("/var/tmp/liftoff-bench/seedscale")
+IMAGE = "vllm"
+COMMAND = ["python3", "-c", "import vllm; print(vllm.__version__)"]  # --tag torch/python: coldstart's commands
+SEED_SHAPED = Shaping(latency=0.020, conn_rate=100e6, total_rate=1.25e9)
+LABELS = {
+    "a": "(a) overlayfs pull+run",
+    "b": "(b) liftoff, no profile",
+    "c": "(c) liftoff + profile",
+    "e": "(e) (c) by CRI PullImage",
+    "p": "(p) (c) + passthrough",
+}
+PREFIX = {"b": "plain", "c": "profiled", "e": "profiled", "p": "profiled"}
+
+
+def measure_cri(ref: str, workdir: Path, store: str, registry_proxy: ShapingProxy, store_proxy: ShapingProxy) -> Sample:
+    """(e): the liftoff node with containerd's CRI plugin unpacking with liftoff; kubelet's PullImage, then ctr run."""
+    from snapshotter.cri import CRIImageClient
+    from snapshotter.fuse_control import FusedClient
+    from snapshotter.localnode import start_containerd, start_fused, start_snapshotter
+
+    socket = workdir / "run" / "snapshotter.sock"
+    fused = start_fused(workdir / "root" / "remote", ["--store", store], workdir=workdir)
+    snapshotter = containerd = None
+    try:
+        snapshotter = start_snapshotter(
+            workdir / "root", socket, workdir=workdir, log_level="info", extra_args=["--store", store, "--no-start-fused"]
+        )
+        containerd = start_containerd(workdir / "containerd", socket, cri=True)
+        with CRIImageClient(containerd.address) as client:
+            client.wait_ready()
+            drop_caches(coldstart.WARM)
+            registry_before, store_before = registry_proxy.stats.bytes_down, store_proxy.stats.bytes_down
+            cpu_before = cpu_seconds(fused.process.pid)
+            started = time.monotonic()
+            client.pull(ref)
+            pull = time.monotonic() - started
+        started = time.monotonic()
+        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-cold", *COMMAND, namespace="k8s.io")
+        run = time.monotonic() - started
+        fused_cpu = cpu_seconds(fused.process.pid) - cpu_before
+        registry_bytes = registry_proxy.stats.bytes_down - registry_before
+        store_bytes = store_proxy.stats.bytes_down - store_before
+        requests: dict[str, int] = {}
+        for view in FusedClient(workdir / "root" / "remote" / "fused.sock").status().views:
+            for name, count in view.requests.items():
+                requests[name] = requests.get(name, 0) + count
+        started = time.monotonic()
+        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-warm", *COMMAND, namespace="k8s.io")
+        warm = time.monotonic() - started
+        return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests)
+    finally:
+        if containerd:
+            containerd.stop()
+        if snapshotter:
+            snapshotter.stop()
+        fused.stop()
+
+
+def prepare(layout: Path, registry, store_root: Path) -> dict:
+    """Push the image, convert it into two prefixes (without and with a profile), record the profile."""
+    started = time.monotonic()
+    ref = push_layout(layout, IMAGE, registry.host, f"bench/{IMAGE}")
+    timings = {"push_s": time.monotonic() - started}
+    for prefix in ("plain", "profiled"):
+        started = time.monotonic()
+        liftoff("convert", ref, "--plain-http", "--store", f"file://{store_root / BUCKET / prefix}")
+        timings[f"convert_{prefix}_s"] = time.monotonic() - started
+    started = time.monotonic()
+    liftoff("profile", ref, "--plain-http", "--store", f"file://{store_root / BUCKET / 'profiled'}", "--", *COMMAND)
+    timings["profile_s"] = time.monotonic() - started
+    summary = json.loads(liftoff("inspect", ref, "--store", f"file://{store_root / BUCKET / 'plain'}", "--json"))
+    image = summary["images"][0]
+    return {"repository": f"bench/{IMAGE}", "stored_bytes": image["stored_bytes"], "tar_bytes": image["tar_bytes"], **timings}
+
+
+def print_table(results: Results, compressed: int, info: dict, setting: str) -> list[str]:
+    rows = []
+    for key in LABELS:
+        samples = results.samples.get(key)
+        if not samples:
+            continue
+        fetched = statistics.median(s.registry_bytes + s.store_bytes for s in samples)
+        rows.append(
+            [
+                LABELS[key],
+                median_text([s.pull for s in samples]),
+                median_text([s.run for s in samples]),
+                median_text([s.total for s in samples]),
+                median_text([s.warm for s in samples]),
+                f"{fetched / 1e6:.1f} MB ({fetched / compressed:.1%})",
+                median_text([s.fused_cpu for s in samples]) if key != "a" else "-",
+                coldstart._requests_text(samples) if key != "a" else "-",
+            ]
+        )
+    print(
+        f"\n{IMAGE} image, {setting}: {compressed / 1e9:.2f} GB compressed (registry), "
+        f"{info['stored_bytes'] / 1e9:.2f} GB in the store, {info['tar_bytes'] / 1e9:.2f} GB unpacked"
+    )
+    headers = ["", "pull s", "first run s", "pull+run s", "warm run s", "fetched (of compressed)", "fused CPU s", "FUSE requests"]
+    print(table(headers, rows))
+    a = results.samples["a"]
+    warm_a = statistics.median(s.warm for s in a)
+    lines = []
+    for key in ("b", "c", "e", "p"):
+        samples = results.samples.get(key)
+        if not samples:
+            continue
+        total = statistics.median(s.total for s in a) / statistics.median(s.total for s in samples)
+        first = statistics.median(s.run for s in samples) / warm_a
+        warm = statistics.median(s.warm for s in samples) / warm_a
+        lines.append(
+            f"{LABELS[key]}: pull+first run {total:.1f}x overlayfs; first run {first:.2f}x and warm run "
+            f"{warm:.2f}x the overlayfs warm run"
+        )
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def main() -> None:
+    global IMAGE, COMMAND
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--keys", default="a,b,c,e", help="which of (a), (b), (c), (e), (p) to run ((a) always runs)")
+    parser.add_argument("--unshaped", action="store_true", help="no shaping proxy delays (the remote at loopback speed)")
+    parser.add_argument("--no-gp3", action="store_true", help="the node's state on this machine's own disk")
+    parser.add_argument("--disk-gb", type=int, default=48, help="the emulated node disk's size")
+    parser.add_argument("--out", type=Path, default=WORK.parent / "seedscale.json")
+    parser.add_argument("--plot", type=Path, help="the timeline picture (PNG; default: --out with .png)")
+    parser.add_argument("--layout", type=Path, default=VLLM_DIR, help="the image's OCI layout (built if missing)")
+    parser.add_argument("--tag", default=IMAGE, help="the image's tag in --layout (torch, python: coldstart's images)")
+    args = parser.parse_args()
+    if args.tag != IMAGE:
+        IMAGE, COMMAND = args.tag, coldstart.COMMANDS[args.tag]
+    keys = [k for k in LABELS if k in set(args.keys.split(",")) | {"a"}]
+    layout = ensure_vllm_image(args.layout) if args.tag == "vllm" else args.layout
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    os.environ.update(AWS)
+    registry = start_registry(WORK / "registry")
+    store_root = WORK / "store"
+    nginx = start_nginx(store_root)
+    shaping = UNSHAPED if args.unshaped else SEED_SHAPED
+    setting = "unshaped" if args.unshaped else "shaped 20 ms + 100 MB/s per connection + 1.25 GB/s"
+    report: dict = {"date": date.today().isoformat(), "machine": machine(), "runs": args.runs, "results": {}}
+    try:
+        info = prepare(layout, registry, store_root)
+        print(f"prepared: {json.dumps(info)}", flush=True)
+        report["prepare"] = info
+        disk = Gp3Disk(WORK / "gp3", size_gb=args.disk_gb, throttle=not args.no_gp3)
+        with (
+            disk,
+            ShapingProxy(("127.0.0.1", int(registry.host.split(":")[1])), shaping) as registry_proxy,
+            ShapingProxy(("127.0.0.1", nginx.port), shaping) as store_proxy,
+        ):
+            report["disk"] = {"describe": disk.describe(), **disk.check()}
+            print(f"node disk: {report['disk']}", flush=True)
+            endpoint = f"http://127.0.0.1:{store_proxy.port}"
+            ref = f"127.0.0.1:{registry_proxy.port}/{info['repository']}:{IMAGE}"
+            results = Results()
+            for run in range(args.runs):
+                for key in keys:
+                    base = disk.mountpoint / f"{run}-{key}"
+                    # only what this contender reads stays warm on the emulated remote
+                    coldstart.WARM[:] = [registry.root] + ([store_root / BUCKET / PREFIX[key]] if key != "a" else [])
+                    started = time.monotonic()
+                    if key == "a":
+                        sample = coldstart.measure_overlayfs(ref, COMMAND, base, registry_proxy)
+                    else:
+                        store = f"s3://{BUCKET}/{PREFIX[key]}?endpoint_url={endpoint}&path_style=true"
+                        if key == "e":
+                            sample = measure_cri(ref, base, store, registry_proxy, store_proxy)
+                        else:
+                            fused_args = ["--passthrough"] if key == "p" else []
+                            sample = coldstart.measure_liftoff(ref, COMMAND, base, store, registry_proxy, store_proxy, fused_args)
+                    results.add(key, sample)
+                    print(
+                        f"run {run} {LABELS[key]}: pull {sample.pull:.2f} s, first run {sample.run:.2f} s, warm "
+                        f"{sample.warm:.2f} s, fetched {(sample.registry_bytes + sample.store_bytes) / 1e6:.0f} MB, "
+                        f"fused CPU {sample.fused_cpu:.2f} s ({time.monotonic() - started:.0f} s with set-up; "
+                        f"load {load_average():.1f})",
+                        flush=True,
+                    )
+                    shutil.rmtree(base, ignore_errors=True)
+            report["results"][f"{setting}/{IMAGE}"] = {k: [s.__dict__ for s in v] for k, v in results.samples.items()}
+            report["ratios"] = print_table(results, layer_bytes(layout, IMAGE), info, setting)
+    finally:
+        nginx.stop()
+        registry.stop()
+    args.out.write_text(json.dumps(report, indent=1))
+    plot = coldstart_plot(report, args.plot or args.out.with_suffix(".png"))
+    print(f"machine: {machine()}; load average {load_average():.1f}; results in {args.out}, timeline in {plot}")
+
+
+if __name__ == "__main__":
+    main()
