@@ -27,6 +27,8 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +82,20 @@ def register(subparsers) -> None:
                 "--keep-unpacked-layers",
                 action="store_true",
                 help="do not set discard_unpacked_layers (default: discard compressed blobs once unpacked)",
+            )
+            p.add_argument(
+                "--wait-for-socket",
+                type=float,
+                default=0.0,
+                metavar="SECONDS",
+                help="first wait up to SECONDS for --socket to accept connections: containerd restarted before the "
+                "snapshotter serves hides the images it holds (the DaemonSet's installer starts beside it)",
+            )
+            p.add_argument(
+                "--hold",
+                action="store_true",
+                help="after installing, keep running until SIGTERM or SIGINT, then exit 0 (a container that lives as "
+                "long as the install; its preStop hook runs `liftoff node uninstall`)",
             )
             p.add_argument(
                 "--config-version",
@@ -433,8 +449,44 @@ def _apply(args: argparse.Namespace, config: Path, old: str, new: str, present: 
         raise LiftoffError(f"{e}; put the previous {config} back and {again}") from None
 
 
+def wait_for_socket(path: str, timeout: float) -> None:
+    """Return once the unix socket at `path` accepts a connection; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = "it does not exist"
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(path)
+                return
+            except OSError as e:
+                last = e.strerror or str(e)
+        if time.monotonic() >= deadline:
+            raise LiftoffError(
+                f"the snapshotter's socket {path} did not accept connections within {timeout:.0f} s ({last}): "
+                "start `liftoff snapshotter --socket " + path + "` first; containerd was left as it is"
+            )
+        time.sleep(0.2)
+
+
+def hold() -> int:
+    """Block until SIGTERM or SIGINT; exit 0 (the installer container's life after the install)."""
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    print("holding until SIGTERM (the preStop hook runs `liftoff node uninstall`)", file=sys.stderr, flush=True)
+    signal.sigwait(signals)
+    return 0
+
+
 def run_install(args: argparse.Namespace) -> int:
+    code = _install(args)
+    sys.stdout.flush()
+    return hold() if getattr(args, "hold", False) and not args.dry_run else code
+
+
+def _install(args: argparse.Namespace) -> int:
     config = Path(args.containerd_config)
+    if getattr(args, "wait_for_socket", 0) and not args.dry_run:
+        wait_for_socket(args.socket, args.wait_for_socket)
     backup, state_path = _paths(config)
     existed = config.exists()
     old = config.read_text() if existed else ""

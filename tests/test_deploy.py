@@ -50,15 +50,20 @@ def base_documents(base: str) -> list[dict]:
 
 
 def k8s_documents() -> list[dict]:
-    """Every base's documents and the examples beside them (deploy/k8s/*.yaml)."""
+    """Every base's documents, the examples beside them (deploy/k8s/*.yaml) and the cleanup Job (deploy/k8s/cleanup)."""
     docs = [d for base in BASES for d in base_documents(base)]
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")) + sorted((DEPLOY / "k8s" / "cleanup").glob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
 
 def named(kind: str, name: str, docs: list[dict] | None = None) -> dict:
-    return next(d for d in (docs or k8s_documents()) if d["kind"] == kind and d["metadata"]["name"] == name)
+    """The document of that kind whose name (or generateName) is `name`."""
+    return next(
+        d
+        for d in (docs or k8s_documents())
+        if d["kind"] == kind and name in (d["metadata"].get("name"), d["metadata"].get("generateName"))
+    )
 
 
 def test_kubernetes_manifests():
@@ -67,10 +72,11 @@ def test_kubernetes_manifests():
     assert {"Namespace", "ConfigMap", "DaemonSet", "ServiceAccount", "RayService", "Deployment", "Service"} <= kinds
     assert {"PodDisruptionBudget", "Role", "RoleBinding", "CronJob"} <= kinds
     for doc in docs:
-        assert doc["apiVersion"] and doc["metadata"]["name"]
+        assert doc["apiVersion"] and (doc["metadata"].get("name") or doc["metadata"].get("generateName"))
     daemonset = named("DaemonSet", "liftoff-node", docs)
     containers = daemonset["spec"]["template"]["spec"]["containers"]
-    assert {c["name"] for c in containers} == {"fused", "snapshotter"}
+    assert [c["name"] for c in containers] == ["fused", "snapshotter", "install"]
+    containers = containers[:2]  # the daemons (install: test_node_daemonset_installs_and_uninstalls_liftoff)
     config_map = named("ConfigMap", "liftoff-node", docs)
     for container in containers:
         assert container["command"] == ["liftoff"]
@@ -95,11 +101,10 @@ def test_store_gc_cronjob():
     parses_as_liftoff(container["args"])
 
 
-def test_containerd_config_and_hosts_toml():
+def test_hosts_toml():
+    """No containerd config drop-in is shipped any more (`liftoff node install` merges the settings); hosts.toml is."""
     config_map = named("ConfigMap", "liftoff-node")
-    containerd = tomllib.loads(config_map["data"]["containerd-liftoff.toml"])
-    assert containerd["proxy_plugins"]["liftoff"] == {"type": "snapshot", "address": "/run/liftoff/snapshotter.sock"}
-    assert containerd["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "liftoff"
+    assert set(config_map["data"]) == {"STORE", "config.toml", "hosts.toml"}
     for text in (config_map["data"]["hosts.toml"], (DEPLOY / "hosts.toml").read_text()):
         hosts = tomllib.loads(text)
         assert hosts["server"].startswith("https://")
@@ -230,6 +235,7 @@ KINDS = {
     "DaemonSet": ("apps/v1", True),
     "Deployment": ("apps/v1", True),
     "CronJob": ("batch/v1", True),
+    "Job": ("batch/v1", True),
     "PodDisruptionBudget": ("policy/v1", True),
     "Role": ("rbac.authorization.k8s.io/v1", True),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", True),
@@ -242,6 +248,8 @@ def pod_spec(doc: dict) -> dict | None:
         return doc["spec"]["template"]["spec"]
     if doc["kind"] == "CronJob":
         return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    if doc["kind"] == "Job":
+        return doc["spec"]["template"]["spec"]
     return None
 
 
@@ -256,7 +264,8 @@ def schema_problems(doc: dict, namespaced_expected: bool = True) -> list[str]:
     api, namespaced = KINDS[kind]
     if doc.get("apiVersion") != api:
         problems.append(f"{where}: apiVersion {doc.get('apiVersion')} (want {api})")
-    if not NAME.match(meta.get("name", "")) or len(meta["name"]) > 63:
+    name = meta.get("name") or (meta.get("generateName") or "").rstrip("-")  # generateName: `kubectl create` adds 5
+    if not NAME.match(name) or len(name) > 63 - (0 if meta.get("name") else 6):
         problems.append(f"{where}: bad name")
     if namespaced and namespaced_expected and not meta.get("namespace"):
         problems.append(f"{where}: no namespace")
@@ -327,7 +336,9 @@ def test_images_are_what_scripts_image_builds():
     for doc in k8s_documents():
         pod = pod_spec(doc)
         for c in (pod or {}).get("containers", []) + (pod or {}).get("initContainers", []):
-            want = f"localhost/liftoff:{__version__}" + ("-compact" if doc["metadata"]["name"] == "liftoff-compaction" else "")
+            want = f"localhost/liftoff:{__version__}" + (
+                "-compact" if doc["metadata"].get("name") == "liftoff-compaction" else ""
+            )
             assert c["image"] == want, (doc["metadata"]["name"], c["name"])
 
 
@@ -357,7 +368,7 @@ def test_proxy_service_is_what_the_nodes_reach():
     assert pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
     inits = pod_spec(named("DaemonSet", "liftoff-node", docs))["initContainers"]
-    init = next(c for c in inits if c["name"] == "containerd-config")
+    init = next(c for c in inits if c["name"] == "registry-mirror")
     assert f"getent hosts {parts.hostname}" in " ".join(init["args"])
 
 
@@ -404,3 +415,70 @@ def test_grafana_dashboard_uses_metrics_that_exist():
     for name in queried:
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)
         assert base in exported, name
+
+
+# -- the node installer: `liftoff node install` in the DaemonSet, `liftoff node uninstall` in its preStop and the Job --
+
+HOST_CONTAINERD = "/etc/containerd"
+
+
+def host_path(pod: dict, container: dict, path: str) -> str | None:
+    """The host path that `path` inside `container` is (through a hostPath volume), or None."""
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod.get("volumes", []) if "hostPath" in v}
+    for mount in sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"])):
+        if (path == mount["mountPath"] or path.startswith(mount["mountPath"] + "/")) and mount["name"] in volumes:
+            return volumes[mount["name"]] + path[len(mount["mountPath"]) :]
+    return None
+
+
+def test_node_daemonset_installs_and_uninstalls_liftoff():
+    """The DaemonSet's `install` container runs `liftoff node install` on the host's containerd config (mounted from
+    /etc/containerd), waits for the snapshotter's socket at the path containerd dials, holds, and its preStop hook runs
+    `liftoff node uninstall` on the same file; the pod shares the host's PID namespace (nsenter into PID 1) and its
+    grace period covers the hook; hosts.toml lands in the directory install names as CRI's config_path."""
+    from liftoff import node
+
+    docs = k8s_documents()
+    daemonset = named("DaemonSet", "liftoff-node", docs)
+    pod = pod_spec(daemonset)
+    assert pod["hostPID"] is True
+    containers = {c["name"]: c for c in pod["containers"]}
+    install = containers["install"]
+    assert install["command"] == ["liftoff"] and install["args"][:2] == ["node", "install"]
+    args = parses_as_liftoff(install["args"])
+    assert (args.command, args.node_action, args.hold, args.dry_run, args.no_restart) == ("node", "install", True, False, False)
+    assert args.restart_command is None  # restarted through nsenter into PID 1 (node.restart_plan)
+    assert args.wait_for_socket >= 60
+    assert host_path(pod, install, args.containerd_config) == f"{HOST_CONTAINERD}/config.toml"
+    snapshotter = parses_as_liftoff(
+        containers["snapshotter"]["args"], named("ConfigMap", "liftoff-node", docs)["data"]["config.toml"]
+    )
+    assert args.socket == snapshotter.socket  # what containerd dials on the host ...
+    assert host_path(pod, install, args.socket) == args.socket  # ... is the same file in the installer
+    assert host_path(pod, containers["snapshotter"], snapshotter.socket) == args.socket
+    assert install["securityContext"]["privileged"] is True
+    probe = install["readinessProbe"]["exec"]["command"]
+    assert probe[-2:] == [args.socket, args.containerd_config]
+
+    prestop = install["lifecycle"]["preStop"]["exec"]["command"]
+    assert prestop[:3] == ["liftoff", "node", "uninstall"]
+    undo = parses_as_liftoff(prestop[1:])
+    assert (undo.containerd_config, undo.plugin_name, undo.no_restart) == (args.containerd_config, args.plugin_name, False)
+    assert pod["terminationGracePeriodSeconds"] > 2 * undo.timeout  # a failed check restarts containerd a second time
+
+    init = next(c for c in pod["initContainers"] if c["name"] == "registry-mirror")
+    written = re.search(r"> (\S+/hosts.toml)", " ".join(init["args"])).group(1)
+    assert host_path(pod, init, written) == f"{args.hosts_dir}/docker.io/hosts.toml"
+    assert args.hosts_dir == node.DEFAULT_HOSTS_DIR
+
+    job = named("Job", "liftoff-node-uninstall-", docs)
+    job_pod = pod_spec(job)
+    (container,) = job_pod["containers"]
+    assert container["command"] == ["liftoff"]
+    cleanup = parses_as_liftoff(container["args"])
+    assert (cleanup.command, cleanup.node_action, cleanup.no_restart) == ("node", "uninstall", False)
+    assert host_path(job_pod, container, cleanup.containerd_config) == f"{HOST_CONTAINERD}/config.toml"
+    assert job_pod["hostPID"] is True and container["securityContext"]["privileged"] is True
+    assert job_pod["nodeName"] == "NODE_NAME" and job_pod["restartPolicy"] == "Never"
+    assert schema_problems(job) == []
+    assert job["metadata"]["namespace"] == daemonset["metadata"]["namespace"]

@@ -230,3 +230,68 @@ def test_version_3_transformation(tmp_path):
     assert "io.containerd.grpc.v1.cri" not in parsed["plugins"]
     run_cli("node", "uninstall", "--containerd-config", str(config), "--no-restart")
     assert config.read_text() == text
+
+
+def test_the_daemonsets_installer_and_its_prestop_hook(node):
+    """The DaemonSet's `install` container command and preStop hook, run against this containerd (paths moved to the
+    fixture's, systemd replaced by the restart helper): install waits for the snapshotter's socket before touching
+    containerd, installs, holds until SIGTERM; the hook restores the original config and containerd drops the plugin."""
+    import socket
+    import time
+
+    from tests.test_deploy import named, pod_spec
+
+    workdir, config, common = node
+    original = config.read_text()
+    install = next(c for c in pod_spec(named("DaemonSet", "liftoff-node"))["containers"] if c["name"] == "install")
+    sock = str(workdir / "liftoff.sock")
+
+    def local(argv: list[str]) -> list[str]:
+        moved = {"/host/etc/containerd/config.toml": str(config), "/run/liftoff/snapshotter.sock": sock}
+        return [moved.get(a, a) for a in argv] + common[2:]  # --restart-command HELPER --timeout 60
+
+    assert install["command"] == ["liftoff"]
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "liftoff", *local(install["args"])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2)
+        assert holder.poll() is None and config.read_text() == original  # waiting: nothing written, no restart
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(sock)
+        listener.listen(16)
+        line = holder.stderr.readline()
+        while line and not line.startswith("holding"):
+            line = holder.stderr.readline()
+        assert line.startswith("holding"), holder.stderr.read()
+        assert ctr_plugins(workdir)["liftoff"] == "ok"
+        assert tomllib.loads(config.read_text())["proxy_plugins"]["liftoff"]["address"] == sock
+        assert holder.poll() is None  # holds: the container lives as long as the install
+
+        prestop = install["lifecycle"]["preStop"]["exec"]["command"]
+        assert prestop[0] == "liftoff"
+        done = run_cli(*local(prestop[1:]), timeout=180)
+        assert "restored" in done.stdout and config.read_text() == original
+        assert "liftoff" not in ctr_plugins(workdir)
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(timeout=10) == 0
+        assert "liftoff installed" in holder.stdout.read()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait()
+
+
+def test_install_waits_for_the_snapshotter_socket_and_gives_up(node):
+    """Without a snapshotter serving, --wait-for-socket fails in one line and leaves containerd's config alone."""
+    workdir, config, common = node
+    original = config.read_text()
+    sock = workdir / "nobody.sock"
+    done = run_cli("node", "install", *common, "--socket", str(sock), "--wait-for-socket", "1", check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"{sock} did not accept connections within 1 s" in last and "containerd was left as it is" in last, last
+    assert config.read_text() == original and not (workdir / "config.toml.liftoff-backup").exists()
