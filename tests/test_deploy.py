@@ -482,3 +482,23 @@ def test_node_daemonset_installs_and_uninstalls_liftoff():
     assert job_pod["nodeName"] == "NODE_NAME" and job_pod["restartPolicy"] == "Never"
     assert schema_problems(job) == []
     assert job["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+
+
+def test_readme_deployment_section_names_what_exists():
+    """README's deployment walk-through: the repository paths it names exist, its `liftoff` command lines parse,
+    `scripts/image`'s options are real, and the cleanup Job's sed placeholders are in the Job's file."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Deployment (Kubernetes)") : text.index("## Benchmarks")]
+    paths = set(re.findall(r"\b((?:deploy|scripts|tests)/[\w./-]+\w)", section))
+    assert paths and all((ROOT / path).exists() for path in paths), [p for p in paths if not (ROOT / p).exists()]
+    commands = [line.split("#")[0].strip() for line in section.splitlines() if line.startswith("liftoff ")]
+    assert commands
+    for line in commands:
+        parses_as_liftoff(shlex.split(line)[1:])
+    image = (ROOT / "scripts" / "image").read_text()
+    for option in set(re.findall(r"scripts/image (--[\w-]+)", section)):
+        assert f'"{option}"' in image, option
+    job = (DEPLOY / "k8s" / "cleanup" / "liftoff-node-uninstall.yaml").read_text()
+    for placeholder in re.findall(r's/([A-Za-z_/:]+?)/[^/]*/"', section) + re.findall(r"s#([\w/:]+)#", section):
+        assert placeholder in job, placeholder
+    assert "kubectl apply -k deploy/k8s/overlays/example" in section
