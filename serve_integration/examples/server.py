@@ -1,6 +1,8 @@
 """A minimal TinyLM HTTP server for a container (no Ray): what the scale-up benchmark starts.
 
     python3 -m serve_integration.examples.server --model-url s3://bucket/tiny/ --loader weightstream --port 8080
+        [--import vllm]   # a serving framework's import first, as a vLLM replica's process starts
+        [--loader download --evict]   # the downloaded checkpoint leaves the page cache before it is loaded
 
 GET /health answers 503 until the weights are loaded and one warm-up generation ran, then {"ready": true, timings}; POST
 /generate {"prompt", "max_new_tokens"} -> {"text"}. Timings use the wall clock, so the host
@@ -18,8 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 STARTED = time.time()
 
 
-def import_loader(loader: str) -> None:
-    """Import torch and the loader's libraries up front, so the load's time is the load's alone."""
+def import_loader(loader: str, modules: list[str]) -> None:
+    """Import `modules`, torch and the loader's libraries up front, so the load's time is the load's alone."""
+    import importlib
+
+    for module in modules:
+        importlib.import_module(module)
     import torch  # noqa: F401
 
     if loader == "weightstream":
@@ -35,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader", choices=["weightstream", "download"], default="weightstream")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--import", dest="modules", action="append", default=[], help="a module to import first")
+    parser.add_argument("--evict", action="store_true", help="download: drop the files from the page cache, then load")
     args = parser.parse_args(argv)
     state: dict = {"ready": False, "started_at": STARTED, "loader": args.loader}
 
@@ -64,11 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     state["listening_at"] = time.time()
-    import_loader(args.loader)
+    import_loader(args.loader, args.modules)
     from serve_integration.examples.twin import load_downloading, load_streaming, warm_up
 
     state["imported_at"] = time.time()
-    state["model"] = load_streaming(args.model_url) if args.loader == "weightstream" else load_downloading(args.model_url)
+    if args.loader == "weightstream":
+        state["model"] = load_streaming(args.model_url)
+    else:
+        state["model"] = load_downloading(args.model_url, evict=args.evict)
     state["loaded_at"] = time.time()
     state["load_seconds"] = round(state["loaded_at"] - state["imported_at"], 3)
     warm_up(state["model"])

@@ -37,6 +37,7 @@ def test_both_loaders_give_the_reference_model(model_url):
     expected = reference.generate("liftoff", 12)
     assert load_streaming(url).generate("liftoff", 12) == expected
     assert load_downloading(url).generate("liftoff", 12) == expected
+    assert load_downloading(url, evict=True).generate("liftoff", 12) == expected
 
 
 def test_empty_model_is_allocated_and_restores_the_initializers():
