@@ -2,6 +2,7 @@
 """End-to-end scale-up: from "a new replica is needed" to "the replica answered its first request".
 
     scripts/bench scaleup [--runs 3] [--settings unshaped,shaped] [--model-gb 1.6] [--no-ray]
+    scripts/bench scaleup --seed [--runs 3] [--model-gb 7]      # the seeds' scale (see below)
 
 The replica is a container (containerd + runc) of the `server` image: the torch image of
 benchmarks/build_images.py plus liftoff (a wheel of this repository), boto3 and safetensors,
@@ -18,11 +19,20 @@ Phases: pull, container start (to the server process's first instruction), weigh
 response. Then, unless --no-ray: a Ray Serve autoscaling run with the CPU twin on a local
 multi-node Ray cluster (traffic rises, Serve adds a replica), timing the new replica to ready
 with weightstream vs download-then-load.
+
+--seed: the seeds' scale. The replica image is the vLLM image of benchmarks/seedscale.py (build_images --vllm:
+~4.6 GB gzip, ~10 GB, ~110k files) plus liftoff and boto3, and the server imports vllm before it loads (as a vLLM
+replica's process does); the checkpoint is ~7 GB (fp32 TinyLM: its warm-up generation on 2 cores stays ~1-2 s);
+the node's containerd, liftoff state and the container's disk are on the emulated gp3 volume (benchmarks/gp3.py);
+the remote is shaped at 20 ms + 100 MB/s per connection + 1.25 GB/s. The baseline's download is tuned as the seed
+tuned `aws s3 cp` (64 requests, 16 MB parts) and runs twice: page cache kept after the download, and dropped (the
+files flushed and evicted before safetensors reads them back from the gp3 disk). No Ray run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +47,8 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.benchlib import drop_caches, liftoff_node, load_average, machine, table
-from benchmarks.build_images import Chroot, download_wheels, ensure_images, run
+from benchmarks.build_images import Chroot, download_wheels, ensure_images, ensure_vllm_image, run
+from benchmarks.gp3 import Gp3Disk
 from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ShapingProxy
 from liftoff.devstack.services import free_port, push_layout, start_nginx, start_registry
 from snapshotter.localnode import start_containerd
@@ -49,6 +60,9 @@ BUCKET = "liftoff-bench"
 WARM: list[Path] = []  # the emulated remote servers' directories: kept in the page cache across runs
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 SERVER_DEPS = ["boto3==1.44.5", "safetensors==0.8.0"]
+SEED_SERVER_DEPS = ["boto3==1.44.5"]  # the vLLM image has its own safetensors
+SERVER_IMPORTS: list[str] = []  # --seed: ["vllm"], imported by the server before it loads
+PULL_TIMEOUT = 1800.0
 
 
 def liftoff(*args: str) -> str:
@@ -69,21 +83,24 @@ def source_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def ensure_server_image(base: Path) -> tuple[Path, str]:
-    """An OCI layout with tag `server`: the torch image plus liftoff, boto3 and safetensors (cached by source hash)."""
+def ensure_server_image(base: Path, base_tag: str = "torch", in_place: bool = False) -> tuple[Path, str]:
+    """An OCI layout with tag `server-<hash>`: `base_tag` plus liftoff, boto3 (and safetensors), cached by source
+    hash. `in_place`: the tag is added to `base` itself (the layers are shared; for the 10 GB vLLM image)."""
     tag = f"server-{source_hash()}"
-    layout = WORK.parent / "server-images"
+    layout = base if in_place else WORK.parent / "server-images"
+    deps = SEED_SERVER_DEPS if in_place else SERVER_DEPS
     if (layout / "index.json").exists() and tag in (layout / "index.json").read_text():
         return layout, tag
-    shutil.rmtree(layout, ignore_errors=True)
-    shutil.copytree(base, layout)
+    if not in_place:
+        shutil.rmtree(layout, ignore_errors=True)
+        shutil.copytree(base, layout)
     wheels = Path(WORK.parent / "server-wheels")
     shutil.rmtree(wheels, ignore_errors=True)
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT))
-    download_wheels(wheels, *SERVER_DEPS)
+    download_wheels(wheels, *deps)
     bundle = WORK.parent / "server-bundle"
     shutil.rmtree(bundle, ignore_errors=True)
-    run("umoci", "unpack", "--image", f"{layout}:torch", str(bundle))
+    run("umoci", "unpack", "--image", f"{layout}:{base_tag}", str(bundle))
     try:
         with Chroot(bundle / "rootfs", wheels) as chroot:
             names = sorted(p.name for p in wheels.glob("*.whl"))
@@ -95,12 +112,10 @@ def ensure_server_image(base: Path) -> tuple[Path, str]:
                 "--no-compile",
                 "--find-links",
                 "/tmp/wheels",
-                *[f"/tmp/wheels/{n}" for n in names if n.startswith("liftoff-")],
+                *[f"/tmp/wheels/{n}" for n in names if n.startswith(("liftoff-", "liftoff_"))],
                 "--no-deps",
             )
-            chroot(
-                "/opt/venv/bin/pip", "install", "-q", "--no-index", "--no-compile", "--find-links", "/tmp/wheels", *SERVER_DEPS
-            )
+            chroot("/opt/venv/bin/pip", "install", "-q", "--no-index", "--no-compile", "--find-links", "/tmp/wheels", *deps)
         run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:{tag}", str(bundle))
         run("umoci", "gc", "--layout", str(layout))
     finally:
@@ -164,9 +179,11 @@ def replica(containerd, ref: str, snapshotter: str, model_url: str, loader: str,
         "--model-url",
         model_url,
         "--loader",
-        loader,
+        loader.removesuffix("-evict"),
         "--port",
         str(port),
+        *[a for m in SERVER_IMPORTS for a in ("--import", m)],
+        *([] if loader != "download-evict" else ["--evict"]),
     ]
     subprocess.run(argv, check=True, capture_output=True)
     health = wait_health(port, time.monotonic() + 600)
@@ -198,7 +215,7 @@ def remove_container(containerd, name: str) -> None:
     subprocess.run([*ctr, "container", "delete", name], capture_output=True)
 
 
-def run_baseline(base: Path, ref: str, model_url: str) -> Sample:
+def run_baseline(base: Path, ref: str, model_url: str, loader: str = "download") -> Sample:
     containerd = start_containerd(base / "containerd")
     try:
         drop_caches(WARM)
@@ -207,8 +224,8 @@ def run_baseline(base: Path, ref: str, model_url: str) -> Sample:
             ref,
             "overlayfs",
             model_url,
-            "download",
-            lambda: containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref),
+            loader,
+            lambda: containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref, timeout=PULL_TIMEOUT),
         )
     finally:
         containerd.stop()
@@ -299,9 +316,19 @@ def main() -> None:
     parser.add_argument("--model-gb", type=float, default=1.6, help="checkpoint size (fp32 TinyLM)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve autoscaling run")
     parser.add_argument("--out", type=Path, default=WORK.parent / "scaleup.json")
+    parser.add_argument("--seed", action="store_true", help="the seeds' scale: vLLM image, gp3 node disk (see above)")
     args = parser.parse_args()
     os.environ.update(AWS)
-    layout, tag = ensure_server_image(ensure_images())
+    if args.seed:
+        from benchmarks.seedscale import SEED_SHAPED
+
+        layout, tag = ensure_server_image(ensure_vllm_image(), "vllm", in_place=True)
+        SERVER_IMPORTS[:] = ["vllm"]
+        settings = {"shaped": SEED_SHAPED}
+        args.no_ray = True
+    else:
+        layout, tag = ensure_server_image(ensure_images())
+        settings = {"unshaped": UNSHAPED, "shaped": SHAPED}
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     store_root = WORK / "store"
@@ -312,7 +339,6 @@ def main() -> None:
     save_checkpoint(store_root / BUCKET / "models" / "tiny", config, seed=1)
     model_bytes = parameter_bytes(config)
     registry = start_registry(WORK / "registry")
-    WARM[:] = [registry.root, store_root]
     nginx = start_nginx(store_root)
     report = {"date": date.today().isoformat(), "machine": machine(), "model_bytes": model_bytes, "results": {}}
     try:
@@ -338,10 +364,14 @@ def main() -> None:
             model0,
             "--port",
             str(free_port()),
+            *[a for m in SERVER_IMPORTS for a in ("--import", m)],
         )
-        for setting in args.settings.split(","):
-            shaping = {"unshaped": UNSHAPED, "shaped": SHAPED}[setting]
+        disk = Gp3Disk(WORK / "gp3", size_gb=56) if args.seed else contextlib.nullcontext()
+        contenders = ["baseline", "baseline-evict", "liftoff"] if args.seed else ["baseline", "liftoff"]
+        for setting in ["shaped"] if args.seed else args.settings.split(","):
+            shaping = settings[setting]
             with (
+                disk,
                 ShapingProxy(("127.0.0.1", int(registry.host.split(":")[1])), shaping) as registry_proxy,
                 ShapingProxy(("127.0.0.1", nginx.port), shaping) as store_proxy,
             ):
@@ -349,12 +379,23 @@ def main() -> None:
                 ref = f"127.0.0.1:{registry_proxy.port}/bench/server:{tag}"
                 store = f"s3://{BUCKET}/images?endpoint_url={endpoint}&path_style=true"
                 model_url = f"s3://{BUCKET}/models/tiny/?endpoint_url={endpoint}&path_style=true"
-                samples: dict[str, list[Sample]] = {"baseline": [], "liftoff": []}
+                node_root = disk.mountpoint if args.seed else WORK
+                if args.seed:
+                    report["disk"] = {"describe": disk.describe(), **disk.check()}
+                samples: dict[str, list[Sample]] = {name: [] for name in contenders}
                 for i in range(args.runs):
-                    samples["baseline"].append(run_baseline(WORK / f"{setting}-b{i}", ref, model_url))
-                    samples["liftoff"].append(run_liftoff(WORK / f"{setting}-l{i}", ref, store, model_url))
-                    for d in (f"{setting}-b{i}", f"{setting}-l{i}"):
-                        shutil.rmtree(WORK / d, ignore_errors=True)
+                    for name in contenders:
+                        base = node_root / f"{setting}-{name}-{i}"
+                        # the emulated remote keeps in the page cache what this contender reads from it
+                        WARM[:] = [store_root / BUCKET / "models"]
+                        WARM.append(store_root / BUCKET / "images" if name == "liftoff" else registry.root)
+                        if name == "liftoff":
+                            sample = run_liftoff(base, ref, store, model_url)
+                        else:
+                            sample = run_baseline(base, ref, model_url, name.replace("baseline", "download"))
+                        samples[name].append(sample)
+                        print(f"run {i} {name}: {asdict(sample)} (load {load_average():.1f})", flush=True)
+                        shutil.rmtree(base, ignore_errors=True)
                 report["results"][setting] = {k: [asdict(s) for s in v] for k, v in samples.items()}
                 print_table(setting, samples, model_bytes)
         if not args.no_ray:
@@ -383,10 +424,13 @@ def print_table(setting: str, samples: dict[str, list[Sample]], model_bytes: int
 
     rows = []
     for name, label in (
-        ("baseline", "overlayfs pull + boto3 download + safetensors"),
+        ("baseline", "overlayfs pull + download (kept in page cache) + safetensors"),
+        ("baseline-evict", "overlayfs pull + download (page cache dropped) + safetensors"),
         ("liftoff", "liftoff pull (profile) + weightstream"),
     ):
-        s = samples[name]
+        s = samples.get(name)
+        if not s:
+            continue
         rows.append(
             [
                 label,
@@ -399,11 +443,14 @@ def print_table(setting: str, samples: dict[str, list[Sample]], model_bytes: int
                 med([x.total for x in s]),
             ]
         )
-    ratio = statistics.median(x.total for x in samples["baseline"]) / statistics.median(x.total for x in samples["liftoff"])
     print(f"\n{setting}: model {model_bytes / 1e9:.2f} GB")
     headers = ["replica", "pull s", "container start s", "imports s", "weight load s", "warm-up s", "first response s"]
     print(table([*headers, "end to end s"], rows))
-    print(f"end to end: {ratio:.1f}x faster", flush=True)
+    liftoff_total = statistics.median(x.total for x in samples["liftoff"])
+    for name in ("baseline", "baseline-evict"):
+        if samples.get(name):
+            ratio = statistics.median(x.total for x in samples[name]) / liftoff_total
+            print(f"end to end, liftoff vs {name}: {ratio:.1f}x faster", flush=True)
 
 
 if __name__ == "__main__":
