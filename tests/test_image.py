@@ -136,7 +136,7 @@ def test_daemonsets_serve_a_lazy_start_from_the_image(image, tmp_path, registry)
         daemon("snapshotter", [state, run, store], ["snapshotter", "--root", str(state / "snapshotter"), "--socket",
                                                     str(socket_path), "--store", store_url, "--no-start-fused"])
         wait_for(socket_path, "snapshotter")
-        # as on a node (liftoff node install, README step 4): containerd restarts once the snapshotter serves.
+        # as on a node (liftoff node install, README's deployment step 4): containerd restarts once the snapshotter serves.
         # This containerd dialled the socket before it existed; gRPC's reconnect backoff (up to minutes) would
         # then decide when the proxy plugin works. The daemons' tasks outlive the restart (their shims stay).
         containerd.stop()
