@@ -32,6 +32,7 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 import weightstream
+from weightstream.engine import StreamStats
 from weightstream.readonce import model_stream
 from weightstream.vllm_plugin import parse_extra_config
 
@@ -57,6 +58,7 @@ class LiftoffModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
         self.settings = parse_extra_config(load_config.model_loader_extra_config)
+        self.stats: StreamStats | None = None  # the last load_weights' (this rank's bytes fetched, received, ...)
 
     def _url(self, model_config: ModelConfig) -> str:
         url = self.settings.get("url")
@@ -99,7 +101,7 @@ class LiftoffModelLoader(BaseModelLoader):
                 **({"window_bytes": window} if window else {}),
             )
             loaded = model.load_weights(iter(stream))
-            stats = stream.stats
+            stats = self.stats = stream.stats
         log.info(
             "liftoff: %s: %d tensors, %.2f GB in %.2fs (this rank fetched %.2f GB at %.2f GB/s, %d retries; "
             "%.2f GB from its group)",

@@ -1,0 +1,241 @@
+"""Real vLLM on the CPU (scripts/test-vllm runs these in a virtualenv with vllm==0.33; elsewhere they skip).
+
+The load format resolves through liftoff's `vllm.general_plugins` entry point and vLLM's own plugin loading; a
+small Llama built by vLLM's own model classes (world size 1, then TP=2 in two processes, gloo) is filled by
+liftoff's loader from S3 (moto), and every parameter equals what vLLM's default safetensors loader gives for
+the same checkpoint; at TP=2 the ranks together fetch the checkpoint's bytes once (read-once exchange).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vllm is not installed here: scripts/test-vllm runs these in its own venv")
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from liftoff.devstack.services import free_port  # noqa: E402
+from tests.faultproxy import FaultProxy, header  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RANK_TIMEOUT = 420  # seconds: importing vLLM takes ~25 s a process on 2 busy cores; two models a rank
+
+# A small Llama: 2 layers, fp32; embeddings and lm_head are 16 MiB each, so the read-once plan splits them by rows
+# between the ranks and sends the layers' tensors whole, in runs, to the rank with the fewest bytes so far.
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 8192,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def llama_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face Llama checkpoint for `config`, random normal values."""
+    generator = torch.Generator().manual_seed(seed)
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+class CountingProxy(FaultProxy):
+    """The fault relay, relaying everything and recording every request's method, key and Range (the bytes the
+    loaders asked the store for, counted outside them)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__(upstream)
+        self.heads: list[bytes] = []
+
+    def _next_fault(self, head: bytes) -> str:
+        with self._lock:
+            self.heads.append(head)
+        return super()._next_fault(head)
+
+    def ranged_bytes(self) -> tuple[int, int]:
+        """(bytes of data ranges, bytes of header probes: ranges from byte 0) requested by GETs."""
+        data = probes = 0
+        for head in self.heads:
+            value = header(head, "Range")
+            found = re.fullmatch(r"bytes=(\d+)-(\d+)", value or "")
+            if not head.startswith(b"GET ") or not found:
+                continue
+            start, stop = int(found.group(1)), int(found.group(2)) + 1
+            if start == 0:
+                probes += stop
+            else:
+                data += stop - start
+        return data, probes
+
+    def whole_weight_gets(self) -> int:
+        """GETs of a .safetensors object without a Range (a whole-file download; config.json is fetched whole)."""
+        gets = [h for h in self.heads if h.startswith(b"GET ") and header(h, "Range") is None]
+        return sum(1 for h in gets if h.split()[1].endswith(b".safetensors"))
+
+
+@pytest.fixture
+def llama(tmp_path, s3_prefix):
+    """The checkpoint in a local directory (vLLM's default loader) and on S3 behind a counting relay (liftoff's)."""
+    local = tmp_path / "llama"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps(CONFIG))
+    tensors = llama_tensors(CONFIG)
+    save_file(tensors, str(local / "model.safetensors"))
+    s3_prefix.upload(local)
+    upstream = urlsplit(s3_prefix.server.endpoint)
+    proxy = CountingProxy((upstream.hostname, upstream.port))
+    yield local, s3_prefix.url(endpoint=proxy.endpoint), tensors, proxy
+    proxy.stop()
+
+
+def run_ranks(workdir: Path, world: int, local: Path, url: str, extra: dict | None = None) -> list[dict]:
+    """`world` vLLM worker processes (tests/vllm/ranks.py) in one gloo group; each rank's report."""
+    spec = {
+        "workdir": str(workdir),
+        "local_dir": str(local),
+        "url": url,
+        "world": world,
+        "dtype": "float32",
+        "init_method": f"tcp://127.0.0.1:{free_port()}",
+        "extra": extra or {},
+    }
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(open(workdir / f"rank{r}.log", "w")) for r in range(world)]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.vllm.ranks", str(workdir / "spec.json"), str(r)],
+                cwd=ROOT,
+                env=env,
+                stdout=logs[r],
+                stderr=subprocess.STDOUT,
+            )
+            for r in range(world)
+        ]
+        try:
+            deadline = time.monotonic() + RANK_TIMEOUT
+            for p in processes:
+                p.wait(max(1, deadline - time.monotonic()))
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    results = []
+    for r in range(world):
+        path = workdir / f"rank{r}.json"
+        tail = (workdir / f"rank{r}.log").read_text()[-4000:]
+        assert path.exists(), f"rank {r} exited {processes[r].returncode} without a report:\n{tail}"
+        result = json.loads(path.read_text())
+        assert "error" not in result, f"rank {r}: {result['traceback']}\n{tail}"
+        results.append(result)
+    return results
+
+
+def sha(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def checkpoint_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_load_format_resolves_through_liftoffs_entry_point(monkeypatch):
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.plugins import load_general_plugins
+
+    points = {e.name: e for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
+    assert points["liftoff_weights"].value == "weightstream.vllm_plugin:register"
+    assert points["liftoff_weights"].dist.name == "liftoff-weights"  # the wheel from packaging/weights
+    load_general_plugins()  # vLLM's own plugin loading, as in every process it starts
+    load_general_plugins()  # idempotent
+    loader = get_model_loader(LoadConfig(load_format="liftoff", model_loader_extra_config={"url": "s3://b/llama/"}))
+    from weightstream.vllm_loader import LiftoffModelLoader
+
+    assert isinstance(loader, LiftoffModelLoader) and isinstance(loader, BaseModelLoader)
+    with pytest.raises(ValueError, match="unknown model_loader_extra_config key"):
+        get_model_loader(LoadConfig(load_format="liftoff", model_loader_extra_config={"uri": "s3://b/llama/"}))
+
+
+def test_vllm_llama_on_cpu_equals_the_default_loader(tmp_path, llama):
+    local, url, tensors, proxy = llama
+    (result,) = run_ranks(tmp_path, 1, local, url)
+    assert result["device"] == "cpu"
+    assert result["liftoff_loader"] == "weightstream.vllm_loader.LiftoffModelLoader"  # registered by the entry point
+    assert result["loader_class"] == "weightstream.vllm_loader.LiftoffModelLoader"
+    assert result["model_class"] == "vllm.model_executor.models.llama.LlamaForCausalLM"
+    assert result["config_files"] == ["config.json"]
+    assert result["tp"] == {"rank": 0, "world": 1, "backend": "gloo"}
+    default, liftoff = result["default"], result["liftoff"]
+    assert "model.layers.0.self_attn.qkv_proj.weight" in default  # vLLM's own fused layout
+    assert liftoff == default  # every parameter and buffer: same dtype, shape, bytes
+    assert default["model.embed_tokens.weight"][2] == sha(tensors["model.embed_tokens.weight"])  # really loaded
+    total = checkpoint_bytes(tensors)
+    assert result["stats"]["bytes_fetched"] == total
+    data, _ = proxy.ranged_bytes()
+    assert data == total and proxy.whole_weight_gets() == 0
+
+
+def test_vllm_llama_tp2_reads_the_checkpoint_once(tmp_path, llama):
+    local, url, tensors, proxy = llama
+    results = run_ranks(tmp_path, 2, local, url)
+    total = checkpoint_bytes(tensors)
+    for rank, result in enumerate(results):
+        assert result["tp"] == {"rank": rank, "world": 2, "backend": "gloo"}
+        default, liftoff = result["default"], result["liftoff"]
+        assert default["model.layers.0.self_attn.qkv_proj.weight"][1] == [512, 512]  # this rank's half (1024 rows)
+        assert liftoff == default, f"rank {rank}: liftoff's parameters differ from vLLM's default loader's"
+        stats = result["stats"]
+        assert stats["bytes_fetched"] + stats["bytes_received"] == total  # its share, the rest from the other rank
+    assert results[0]["default"] != results[1]["default"]  # the ranks hold different shards
+    fetched = [r["stats"]["bytes_fetched"] for r in results]
+    assert sum(fetched) == total, fetched  # the node read the checkpoint once: 1.0x
+    assert min(fetched) > 0.3 * total, fetched  # each rank streamed a share
+    data, _ = proxy.ranged_bytes()
+    assert data == total and proxy.whole_weight_gets() == 0  # counted at the relay in front of the store, too
