@@ -1,4 +1,4 @@
-"""One vLLM worker rank on the CPU: `python -m tests.vllm.ranks SPEC.json RANK` (run by tests/vllm, one process a rank).
+"""One vLLM worker rank on the CPU: `python tests/vllm/ranks.py SPEC.json RANK` (tests/vllm runs one process a rank).
 
 It does what vLLM's CPU worker does before it loads a model: load the general plugins (liftoff's entry point
 registers load format "liftoff"), build the engine config, init vLLM's distributed environment with gloo and
@@ -10,6 +10,7 @@ parameter's and buffer's digest (and the liftoff loader's stats) to a JSON file 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -70,6 +71,8 @@ def main(spec_path: str, rank: int) -> None:
         from vllm.plugins import load_general_plugins
         from vllm.v1.worker.gpu_worker import init_worker_distributed_environment
 
+        points = importlib.metadata.entry_points(group="vllm.general_plugins")
+        out["entry_points"] = [[e.dist.name if e.dist else None, e.name, e.value] for e in points]
         load_general_plugins()  # vLLM's own plugin loading: every vllm.general_plugins entry point
         liftoff_loader = _LOAD_FORMAT_TO_MODEL_LOADER.get("liftoff")
         out["liftoff_loader"] = f"{liftoff_loader.__module__}.{liftoff_loader.__qualname__}" if liftoff_loader else None

@@ -115,6 +115,32 @@ class CountingProxy(FaultProxy):
         return sum(1 for h in gets if h.split()[1].endswith(b".safetensors"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def installed_weights_match_the_checkout():
+    """The workers import weightstream from the installed liftoff-weights wheel: it must be this checkout's."""
+    dist = importlib.metadata.distribution("liftoff-weights")
+    stale = [
+        str(f)
+        for f in dist.files or []
+        if str(f).startswith(("weightstream/", "layerstore/"))
+        and str(f).endswith(".py")
+        and f.read_text() != (ROOT / str(f)).read_text()
+    ]
+    assert not stale, f"the installed liftoff-weights is older than this checkout ({stale[:3]}): run scripts/test-vllm"
+
+
+def check_worker(result: dict) -> None:
+    """What every worker saw: the CPU, liftoff's loader registered by the installed wheel's entry point."""
+    assert result["device"] == "cpu"
+    ours = [point for point in result["entry_points"] if point[1] == "liftoff_weights"]  # vLLM declares its own, too
+    assert ours == [["liftoff-weights", "liftoff_weights", "weightstream.vllm_plugin:register"]]
+    assert "site-packages" in result["weightstream_file"]  # the installed wheel, not the checkout
+    assert result["liftoff_loader"] == "weightstream.vllm_loader.LiftoffModelLoader"  # what vLLM's plugin loading did
+    assert result["loader_class"] == "weightstream.vllm_loader.LiftoffModelLoader"
+    assert result["model_class"] == "vllm.model_executor.models.llama.LlamaForCausalLM"
+    assert result["config_files"] == ["config.json"]
+
+
 @pytest.fixture
 def llama(tmp_path, s3_prefix):
     """The checkpoint in a local directory (vLLM's default loader) and on S3 behind a counting relay (liftoff's)."""
@@ -142,13 +168,13 @@ def run_ranks(workdir: Path, world: int, local: Path, url: str, extra: dict | No
         "extra": extra or {},
     }
     (workdir / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"VLLM_TARGET_DEVICE": "cpu"}
     with contextlib.ExitStack() as stack:
         logs = [stack.enter_context(open(workdir / f"rank{r}.log", "w")) for r in range(world)]
         processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.vllm.ranks", str(workdir / "spec.json"), str(r)],
-                cwd=ROOT,
+            subprocess.Popen(  # a script, not the repository on sys.path: vLLM and weightstream as installed
+                [sys.executable, str(Path(__file__).with_name("ranks.py")), str(workdir / "spec.json"), str(r)],
+                cwd=workdir,
                 env=env,
                 stdout=logs[r],
                 stderr=subprocess.STDOUT,
@@ -190,9 +216,10 @@ def test_load_format_resolves_through_liftoffs_entry_point(monkeypatch):
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.plugins import load_general_plugins
 
-    points = {e.name: e for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
-    assert points["liftoff_weights"].value == "weightstream.vllm_plugin:register"
-    assert points["liftoff_weights"].dist.name == "liftoff-weights"  # the wheel from packaging/weights
+    # here the repository is on sys.path too, so its liftoff_serving.egg-info (an editable install's) may be seen
+    points = [e for e in importlib.metadata.entry_points(group="vllm.general_plugins") if e.name == "liftoff_weights"]
+    assert {e.value for e in points} == {"weightstream.vllm_plugin:register"}
+    assert "liftoff-weights" in {e.dist.name for e in points}  # the wheel from packaging/weights
     load_general_plugins()  # vLLM's own plugin loading, as in every process it starts
     load_general_plugins()  # idempotent
     loader = get_model_loader(LoadConfig(load_format="liftoff", model_loader_extra_config={"url": "s3://b/llama/"}))
@@ -206,11 +233,7 @@ def test_load_format_resolves_through_liftoffs_entry_point(monkeypatch):
 def test_vllm_llama_on_cpu_equals_the_default_loader(tmp_path, llama):
     local, url, tensors, proxy = llama
     (result,) = run_ranks(tmp_path, 1, local, url)
-    assert result["device"] == "cpu"
-    assert result["liftoff_loader"] == "weightstream.vllm_loader.LiftoffModelLoader"  # registered by the entry point
-    assert result["loader_class"] == "weightstream.vllm_loader.LiftoffModelLoader"
-    assert result["model_class"] == "vllm.model_executor.models.llama.LlamaForCausalLM"
-    assert result["config_files"] == ["config.json"]
+    check_worker(result)
     assert result["tp"] == {"rank": 0, "world": 1, "backend": "gloo"}
     default, liftoff = result["default"], result["liftoff"]
     assert "model.layers.0.self_attn.qkv_proj.weight" in default  # vLLM's own fused layout
@@ -227,6 +250,7 @@ def test_vllm_llama_tp2_reads_the_checkpoint_once(tmp_path, llama):
     results = run_ranks(tmp_path, 2, local, url)
     total = checkpoint_bytes(tensors)
     for rank, result in enumerate(results):
+        check_worker(result)
         assert result["tp"] == {"rank": rank, "world": 2, "backend": "gloo"}
         default, liftoff = result["default"], result["liftoff"]
         assert default["model.layers.0.self_attn.qkv_proj.weight"][1] == [512, 512]  # this rank's half (1024 rows)
