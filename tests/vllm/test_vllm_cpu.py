@@ -25,10 +25,10 @@ import pytest
 vllm = pytest.importorskip("vllm", reason="vllm is not installed here: scripts/test-vllm runs these in its own venv")
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from liftoff.devstack.services import free_port  # noqa: E402
 from tests.faultproxy import FaultProxy, header  # noqa: E402
+from tests.weightstream.conftest import write_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RANK_TIMEOUT = 420  # seconds: importing vLLM takes ~25 s a process on 2 busy cores; two models a rank
@@ -141,14 +141,25 @@ def check_worker(result: dict) -> None:
     assert result["config_files"] == ["config.json"]
 
 
+# checkpoint variants: (config changes, shards)
+VARIANTS = {
+    "fp32": ({}, 1),
+    "bf16-sharded-tied": ({"torch_dtype": "bfloat16", "tie_word_embeddings": True}, 2),  # no lm_head.weight; index.json
+}
+
+
 @pytest.fixture
-def llama(tmp_path, s3_prefix):
+def llama(request, tmp_path, s3_prefix):
     """The checkpoint in a local directory (vLLM's default loader) and on S3 behind a counting relay (liftoff's)."""
+    changes, shards = VARIANTS[getattr(request, "param", "fp32")]
+    config = CONFIG | changes
     local = tmp_path / "llama"
     local.mkdir()
-    (local / "config.json").write_text(json.dumps(CONFIG))
-    tensors = llama_tensors(CONFIG)
-    save_file(tensors, str(local / "model.safetensors"))
+    (local / "config.json").write_text(json.dumps(config))
+    tensors = {k: v.to(getattr(torch, config["torch_dtype"])) for k, v in llama_tensors(config).items()}
+    if config["tie_word_embeddings"]:
+        del tensors["lm_head.weight"]
+    write_checkpoint(local, tensors, shards=shards)
     s3_prefix.upload(local)
     upstream = urlsplit(s3_prefix.server.endpoint)
     proxy = CountingProxy((upstream.hostname, upstream.port))
@@ -163,6 +174,9 @@ def run_ranks(workdir: Path, world: int, local: Path, url: str, extra: dict | No
         "local_dir": str(local),
         "url": url,
         "world": world,
+        # the model in fp32 whatever the checkpoint's dtype (vLLM's weight loaders convert): after loading, vLLM
+        # repacks bf16 linear weights for its CPU kernels (torch.ops._C.convert_weight_packed on AMX CPUs), which
+        # the CUDA wheel does not ship; fp32 layers keep torch's own linear
         "dtype": "float32",
         "init_method": f"tcp://127.0.0.1:{free_port()}",
         "extra": extra or {},
@@ -230,6 +244,7 @@ def test_load_format_resolves_through_liftoffs_entry_point(monkeypatch):
         get_model_loader(LoadConfig(load_format="liftoff", model_loader_extra_config={"uri": "s3://b/llama/"}))
 
 
+@pytest.mark.parametrize("llama", list(VARIANTS), indirect=True)
 def test_vllm_llama_on_cpu_equals_the_default_loader(tmp_path, llama):
     local, url, tensors, proxy = llama
     (result,) = run_ranks(tmp_path, 1, local, url)
@@ -238,7 +253,8 @@ def test_vllm_llama_on_cpu_equals_the_default_loader(tmp_path, llama):
     default, liftoff = result["default"], result["liftoff"]
     assert "model.layers.0.self_attn.qkv_proj.weight" in default  # vLLM's own fused layout
     assert liftoff == default  # every parameter and buffer: same dtype, shape, bytes
-    assert default["model.embed_tokens.weight"][2] == sha(tensors["model.embed_tokens.weight"])  # really loaded
+    dtype, _, digest = default["model.embed_tokens.weight"]
+    assert digest == sha(tensors["model.embed_tokens.weight"].to(getattr(torch, dtype.removeprefix("torch."))))  # loaded
     total = checkpoint_bytes(tensors)
     assert result["stats"]["bytes_fetched"] == total
     data, _ = proxy.ranged_bytes()
