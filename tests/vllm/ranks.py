@@ -38,7 +38,8 @@ def engine_config(spec: dict, load_format: str, model_dir: str, extra: dict | No
         model=model_dir,
         load_format=load_format,
         model_loader_extra_config=extra or {},
-        tensor_parallel_size=spec["world"],
+        tensor_parallel_size=spec["world"] // spec.get("pp", 1),
+        pipeline_parallel_size=spec.get("pp", 1),
         distributed_executor_backend="mp" if spec["world"] > 1 else None,
         skip_tokenizer_init=True,
         enforce_eager=True,
@@ -86,11 +87,12 @@ def main(spec_path: str, rank: int) -> None:
         out["device"] = str(default_config.device_config.device)
         with set_current_vllm_config(default_config):
             init_worker_distributed_environment(default_config, rank, spec["init_method"], rank, "gloo")
-        from vllm.distributed.parallel_state import get_tp_group
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
         tp = get_tp_group()
         backend = str(torch.distributed.get_backend(tp.cpu_group))
         out["tp"] = {"rank": tp.rank_in_group, "world": tp.world_size, "backend": backend}
+        out["pp"] = {"rank": get_pp_group().rank_in_group, "world": get_pp_group().world_size}
 
         model, _ = build(default_config, rank)
         out["default"] = digests(model)

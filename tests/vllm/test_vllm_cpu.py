@@ -167,13 +167,14 @@ def llama(request, tmp_path, s3_prefix):
     proxy.stop()
 
 
-def run_ranks(workdir: Path, world: int, local: Path, url: str, extra: dict | None = None) -> list[dict]:
+def run_ranks(workdir: Path, world: int, local: Path, url: str, extra: dict | None = None, pp: int = 1) -> list[dict]:
     """`world` vLLM worker processes (tests/vllm/ranks.py) in one gloo group; each rank's report."""
     spec = {
         "workdir": str(workdir),
         "local_dir": str(local),
         "url": url,
         "world": world,
+        "pp": pp,
         # the model in fp32 whatever the checkpoint's dtype (vLLM's weight loaders convert): after loading, vLLM
         # repacks bf16 linear weights for its CPU kernels (torch.ops._C.convert_weight_packed on AMX CPUs), which
         # the CUDA wheel does not ship; fp32 layers keep torch's own linear
@@ -279,3 +280,19 @@ def test_vllm_llama_tp2_reads_the_checkpoint_once(tmp_path, llama):
     assert min(fetched) > 0.3 * total, fetched  # each rank streamed a share
     data, _ = proxy.ranged_bytes()
     assert data == total and proxy.whole_weight_gets() == 0  # counted at the relay in front of the store, too
+
+
+def test_vllm_llama_pipeline_stages_read_only_their_layers(tmp_path, llama):
+    local, url, tensors, proxy = llama
+    results = run_ranks(tmp_path, 2, local, url, pp=2)
+    total = checkpoint_bytes(tensors)
+    for stage, result in enumerate(results):
+        check_worker(result)
+        assert result["pp"] == {"rank": stage, "world": 2} and result["tp"]["world"] == 1
+        assert result["liftoff"] == result["default"], f"stage {stage}: liftoff's parameters differ from vLLM's default loader's"
+    assert "model.embed_tokens.weight" in results[0]["default"] and "lm_head.weight" in results[1]["default"]
+    assert "model.layers.1.mlp.down_proj.weight" not in results[0]["default"]  # vLLM's placeholder for stage 1's layer
+    fetched = [r["stats"]["bytes_fetched"] for r in results]
+    assert sum(fetched) == total, fetched  # each stage read its own layers only
+    data, _ = proxy.ranged_bytes()
+    assert data == total
