@@ -3,7 +3,10 @@
 The load format resolves through liftoff's `vllm.general_plugins` entry point and vLLM's own plugin loading; a
 small Llama built by vLLM's own model classes (world size 1, then TP=2 in two processes, gloo) is filled by
 liftoff's loader from S3 (moto), and every parameter equals what vLLM's default safetensors loader gives for
-the same checkpoint; at TP=2 the ranks together fetch the checkpoint's bytes once (read-once exchange).
+the same checkpoint; at TP=2 the ranks together fetch the checkpoint's bytes once (read-once exchange), and at
+PP=2 each stage reads only its own layers. Bytes are counted by the loader and at a relay in front of the store.
+The workers import weightstream from the installed liftoff-weights wheel (scripts/test-vllm reinstalls it from
+this checkout on every run; a stale install fails the tests with a message saying so).
 """
 
 from __future__ import annotations
