@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 
@@ -11,17 +12,37 @@ from weightstream.plan import Item, RangeTask
 from weightstream.pool import ByteBudget
 
 PREFAULT_MIN = 1 << 20
-_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+_libc = ctypes.CDLL(None, use_errno=True)  # a ctypes call releases the GIL (mmap.madvise() holds it)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _madvise(buffer: mmap.mmap, advice: int) -> bool:
+    """madvise() over the whole mapping with the GIL released; False if the kernel refused the advice."""
+    anchor = ctypes.c_char.from_buffer(buffer)
+    try:
+        return _libc.madvise(ctypes.addressof(anchor), len(buffer), advice) == 0
+    finally:
+        del anchor
 
 
 def allocate_host(nbytes: int) -> torch.Tensor:
-    """Uninitialized CPU bytes for one tensor. Large buffers are mapped with MAP_POPULATE: the kernel
-    faults every page in one call, where first-touch faults taken by 16 receiving threads at once
-    contend on the page tables (measured here: 1.4 GB/s into fresh memory vs 6 GB/s into prefaulted).
+    """Uninitialized CPU bytes for one tensor. Large buffers are anonymous mappings backed by transparent huge
+    pages where the kernel allows (MADV_HUGEPAGE) and populated in one call (MADV_POPULATE_WRITE, else
+    MAP_POPULATE): first-touch faults taken by 16 receiving threads at once contend on the page tables (measured
+    here: 1.4 GB/s into fresh memory vs 6 GB/s into prefaulted), and 2 MiB pages populate 1.5-3x faster than
+    4 KiB ones (1.5-1.9 GB/s vs 2.4-4.5 GB/s on this machine; at 7 GB that is seconds of CPU).
     The tensor owns the mapping: it is unmapped when the last view of it goes."""
     if nbytes < PREFAULT_MIN:
         return torch.empty(nbytes, dtype=torch.uint8)
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=_MAP_FLAGS), dtype=torch.uint8)
+    buffer = mmap.mmap(-1, nbytes, flags=_MAP_FLAGS)
+    _madvise(buffer, _MADV_HUGEPAGE)  # refused where THP is off: 4 KiB pages then
+    if not _madvise(buffer, _MADV_POPULATE_WRITE):  # an older kernel: map again, populated by mmap itself
+        buffer.close()
+        buffer = mmap.mmap(-1, nbytes, flags=_MAP_FLAGS | getattr(mmap, "MAP_POPULATE", 0))
+    return torch.frombuffer(buffer, dtype=torch.uint8)
 
 
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:
