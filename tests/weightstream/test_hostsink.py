@@ -37,9 +37,7 @@ def test_small_buffer_is_plain_memory() -> None:
     assert allocate_host(4096).numel() == 4096
 
 
-@pytest.mark.skipif(
-    not THP.exists() or "[never]" in THP.read_text(), reason="transparent huge pages are off on this kernel"
-)
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="transparent huge pages are off on this kernel")
 def test_large_buffer_is_on_huge_pages() -> None:
     buffer = allocate_host(64 << 20)
     assert _mapping_kb(buffer.data_ptr(), "AnonHugePages") >= 32 << 10  # most of it on 2 MiB pages
