@@ -50,24 +50,24 @@ class ViewSpec:
 
 
 _NODE = struct.Struct("<QIQIIIqQI")
+_CHILD = struct.Struct("<IQ")
 
 
 def inode_digest(view: View) -> str:
     """A digest of everything the kernel may hold about the view's inodes (numbers, types, sizes,
     owners, times, link counts, names in each directory): equal digests, same answers."""
-    h = hashlib.sha256()
+    parts = []
+    pack, entry = _NODE.pack, _CHILD.pack
     for node in view.nodes[1:]:
         if node is None:
             continue
-        h.update(
-            _NODE.pack(
-                node.ino, node.mode, node.size, node.uid, node.gid, node.nlink, node.mtime_ns, node.rdev, len(node.children or ())
-            )
+        children = node.children
+        parts.append(
+            pack(node.ino, node.mode, node.size, node.uid, node.gid, node.nlink, node.mtime_ns, node.rdev, len(children or ()))
         )
-        if node.children:
-            for name, child in node.children.items():
-                h.update(struct.pack("<IQ", len(name), child.ino) + name)
-    return h.hexdigest()
+        if children:
+            parts.extend(entry(len(name), child.ino) + name for name, child in children.items())
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 @dataclass
