@@ -10,7 +10,8 @@ Negotiated at INIT, when the kernel offers them: no-open and no-opendir (no OPEN
 round trips; page cache and directory listings kept), cached symlinks, readdirplus (a
 listing carries every entry's attributes), 1 MiB reads, parallel directory operations,
 asynchronous reads. Entries, attributes and negative lookups are valid for a day: layers
-are immutable.
+are immutable. A view in which no file has an xattr answers the first GETXATTR with ENOSYS,
+so that the kernel answers overlayfs's trusted.overlay.* questions itself from then on.
 
 Passthrough (Linux 6.9+, fuse_passthrough.py): where the kernel offers it at INIT (and unless
 disabled), no-open is NOT asked for, and an OPEN of a file whose bytes are all local is answered
