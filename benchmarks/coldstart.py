@@ -236,7 +236,7 @@ def main() -> None:
                         results.add("a", measure_overlayfs(ref, COMMANDS[name], base / "overlayfs", registry_proxy))
                         for key, prefix, fused_args in (
                             ("b", "plain", []),
-                            ("c", "profiled", []),
+                            ("c", "profiled", ["--passthrough"]),
                             ("d", "profiled", ["--no-passthrough"]),
                         ):
                             if key not in keys:

@@ -49,9 +49,11 @@ def decode_index(data: bytes, where: str = "index", check_extents: bool = True, 
             f"{where}: index format {index.format_major}.{index.format_minor} is not supported by this "
             f"liftoff (reads {FORMAT_MAJOR}.x); upgrade liftoff, or use an ordinary pull"
         )
+    sizes = [chunk.size for chunk in index.chunks] if check_extents else []  # (index fields are slow to reach)
     for entry in index.entries if check_extents else ():
         for extent in entry.extents:
-            if extent.chunk >= len(index.chunks) or extent.offset + extent.length > index.chunks[extent.chunk].size:
+            chunk = extent.chunk
+            if chunk >= len(sizes) or extent.offset + extent.length > sizes[chunk]:
                 raise FormatError(f"{where}: entry {entry.path!r} points outside its chunks; the index is corrupt")
     return index
 

@@ -20,6 +20,10 @@ from collections.abc import Sequence
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
+_MAX_NS = 1 << 63
+_REGULAR, _DIRECTORY, _SYMLINK = pb.ENTRY_TYPE_REGULAR, pb.ENTRY_TYPE_DIRECTORY, pb.ENTRY_TYPE_SYMLINK
+_HARDLINK, _WHITEOUT, _OPAQUE = pb.ENTRY_TYPE_HARDLINK, pb.ENTRY_TYPE_WHITEOUT, pb.ENTRY_TYPE_OPAQUE
+_DEVICES = (pb.ENTRY_TYPE_CHAR_DEVICE, pb.ENTRY_TYPE_BLOCK_DEVICE)
 _S_IFMT = {
     pb.ENTRY_TYPE_REGULAR: stat.S_IFREG,
     pb.ENTRY_TYPE_DIRECTORY: stat.S_IFDIR,
@@ -46,6 +50,7 @@ class Node:
         "origin",
         "rdev",
         "size",
+        "spans",
         "starts",
         "uid",
         "xattrs",
@@ -67,6 +72,7 @@ class Node:
         self.extents: Sequence[pb.Extent] = ()
         self.origin = b""  # path of the layer entry that owns the extents (hardlinks share it)
         self.starts: list[int] | None = None  # file offset of each extent, built on first read
+        self.spans: list[tuple[pb.Chunk, int, int]] | None = None  # each extent's (chunk, offset in it, length), too
 
     @property
     def is_dir(self) -> bool:
@@ -125,19 +131,23 @@ def _count_links(upper: Node) -> None:
 
 
 def _node(entry: pb.Entry, layer: int) -> Node:
-    kind = _S_IFMT[entry.type]
-    node = Node(kind | entry.mode, entry.uid, entry.gid, _mtime(entry.mtime_ns))
-    node.xattrs = _xattrs(entry, kind)
-    if entry.type == pb.ENTRY_TYPE_REGULAR:
+    etype = entry.type
+    kind = _S_IFMT[etype]
+    mtime_ns = entry.mtime_ns
+    node = Node(kind | entry.mode, entry.uid, entry.gid, mtime_ns if 0 <= mtime_ns < _MAX_NS else 0)
+    xattrs = entry.xattrs
+    if xattrs:
+        node.xattrs = _xattrs(entry, kind)
+    if etype == _REGULAR:
         node.size = entry.size
         node.layer = layer
         node.extents = entry.extents
         node.origin = entry.path
-    elif entry.type == pb.ENTRY_TYPE_SYMLINK:
+    elif etype == _SYMLINK:
         node.mode = stat.S_IFLNK | 0o777  # Linux ignores a symlink's mode: lstat always says 0777
         node.link = entry.link_target
-        node.size = len(entry.link_target)
-    elif entry.type in (pb.ENTRY_TYPE_CHAR_DEVICE, pb.ENTRY_TYPE_BLOCK_DEVICE):
+        node.size = len(node.link)
+    elif etype in _DEVICES:
         node.rdev = (entry.dev_major << 8) | (entry.dev_minor & 0xFF) | ((entry.dev_minor & ~0xFF) << 12)
     return node
 
@@ -187,42 +197,45 @@ class View:
         opaque: set[int] = set()  # ids of this layer's directories marked opaque
         dir_times: list[tuple[bytes, int]] = []
         linked = False
-        last: tuple[bytes, Node | None] = (b"\0", None)  # the parent directory of the entry before
+        last_path, last = b"\0", None  # the entry before's parent directory, and its node
+        make_dirs = self._make_dirs
         for entry in index.entries:
-            if entry.type == pb.ENTRY_TYPE_OPAQUE:
-                directory = self._make_dirs(upper, entry.path)
+            etype, path = entry.type, entry.path
+            if etype == _OPAQUE:
+                directory = make_dirs(upper, path)
                 if directory is not None:
                     opaque.add(id(directory))
                 continue
-            if not entry.path:  # the layer's root directory: its metadata only
-                if entry.type == pb.ENTRY_TYPE_DIRECTORY:
+            if not path:  # the layer's root directory: its metadata only
+                if etype == _DIRECTORY:
                     self._update_dir(self.root, entry, merge=False)
                 continue
-            parent_path, _, name = entry.path.rpartition(b"/")
-            parent = last[1] if last[0] == parent_path else self._make_dirs(upper, parent_path)
-            last = (parent_path, parent)
-            if parent is None or parent.children is None:
+            parent_path, _, name = path.rpartition(b"/")
+            if parent_path != last_path:
+                last_path, last = parent_path, make_dirs(upper, parent_path)
+            parent = last
+            if parent is None or (children := parent.children) is None:
                 continue  # beneath a file of the same layer: containerd's applier fails on it too
-            existing = parent.children.get(name)
+            existing = children.get(name)
             if existing is not None:
-                last = (b"\0", None)  # a replaced entry may lie on the remembered parent's path
-            if entry.type == pb.ENTRY_TYPE_WHITEOUT:
-                parent.children[name] = Node(stat.S_IFCHR)  # overlayfs's whiteout, as the applier makes it
-            elif entry.type == pb.ENTRY_TYPE_HARDLINK:
+                last_path, last = b"\0", None  # a replaced entry may lie on the remembered parent's path
+            if etype == _WHITEOUT:
+                children[name] = Node(stat.S_IFCHR)  # overlayfs's whiteout, as the applier makes it
+            elif etype == _HARDLINK:
                 target = self._walk_in(upper, entry.link_target)
                 if target is None or target.is_dir:
                     continue  # the converter refuses such layers; be safe with foreign indexes
                 _relink(target, entry)
-                parent.children[name] = target
+                children[name] = target
                 linked = True
-            elif entry.type == pb.ENTRY_TYPE_DIRECTORY:
-                dir_times.append((entry.path, _mtime(entry.mtime_ns)))
-                if existing is not None and existing.is_dir:
+            elif etype == _DIRECTORY:
+                dir_times.append((path, _mtime(entry.mtime_ns)))
+                if existing is not None and existing.children is not None:
                     self._update_dir(existing, entry, merge=True)  # listed again in this layer: xattrs add up
                 else:
-                    parent.children[name] = _node(entry, number)
+                    children[name] = _node(entry, number)
             else:
-                parent.children[name] = _node(entry, number)
+                children[name] = _node(entry, number)
         for path, mtime_ns in dir_times:  # set last, as the applier does, on whatever the path now is
             node = self._walk_in(upper, path)
             if node is not None and not stat.S_ISLNK(node.mode):
@@ -264,28 +277,35 @@ class View:
             lower.children.clear()
             if self.layers_below:
                 lower.xattrs[OPAQUE_XATTR] = b"y"
+        children = lower.children
+        hidden = self._hidden if self.layers_below else None  # (always empty without layers below)
         for name, node in upper.children.items():
+            if node.children is None:  # a whiteout or a file
+                if node.rdev == 0 and stat.S_ISCHR(node.mode):  # an overlayfs whiteout
+                    children.pop(name, None)
+                    if hidden is not None:
+                        hidden.add(prefix + name)
+                else:
+                    if hidden:
+                        hidden.discard(prefix + name)
+                    children[name] = node
+                continue
             path = prefix + name
-            below = lower.children.get(name)
-            if _is_whiteout(node):
-                lower.children.pop(name, None)
-                self._hide(path)
-            elif node.is_dir and below is not None and below.is_dir:
+            below = children.get(name)
+            if below is not None and below.children is not None:
                 self._copy_dir(below, node)  # a directory over a directory: merged, the upper's metadata
                 self._merge(below, node, path + b"/", opaque)
-            elif node.is_dir:  # a directory where there was none, or over a file: its own children only
+            else:  # a directory where there was none, or over a file: its own children only
                 carrier = _implicit_dir()
                 carrier.children, node.children = node.children, {}
                 if id(node) in opaque:
                     opaque.add(id(carrier))
-                if self.layers_below and (below is not None or path in self._hidden):
+                if hidden is not None and (below is not None or path in hidden):
                     node.xattrs[OPAQUE_XATTR] = b"y"  # what lay here below the run stays hidden
-                self._hidden.discard(path)
-                lower.children[name] = node
+                if hidden:
+                    hidden.discard(path)
+                children[name] = node
                 self._merge(node, carrier, path + b"/", opaque)
-            else:
-                self._hidden.discard(path)
-                lower.children[name] = node
 
     @staticmethod
     def _update_dir(node: Node, entry: pb.Entry, merge: bool) -> None:
@@ -329,17 +349,17 @@ class View:
 
     def _number(self, root: Node) -> None:
         stack = [root]
-        seen: set[int] = set()
+        nodes = self.nodes
         while stack:
             node = stack.pop()
-            if id(node) in seen:
+            if node.ino:
                 continue  # a hardlinked node is numbered once
-            seen.add(id(node))
-            node.ino = len(self.nodes)
-            self.nodes.append(node)
-            if node.children is not None:
-                node.nlink = 2 + sum(1 for child in node.children.values() if child.is_dir)
-                stack.extend(reversed(list(node.children.values())))
+            node.ino = len(nodes)
+            nodes.append(node)
+            children = node.children
+            if children is not None:
+                node.nlink = 2 + sum(1 for child in children.values() if child.children is not None)
+                stack.extend(reversed(children.values()))
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -353,23 +373,30 @@ class View:
 
     def extents_for(self, node: Node, offset: int, length: int) -> list[tuple[pb.Chunk, int, int]]:
         """The (chunk, offset in chunk, length) pieces that hold bytes [offset, offset+length) of a file."""
-        if node.starts is None:
-            starts, position = [], 0
+        spans = node.spans
+        if spans is None:  # read from the index once per file: its messages are slow to walk
+            chunks = self.layers[node.layer].chunks
+            starts, spans, position = [], [], 0
             for extent in node.extents:
                 starts.append(position)
+                spans.append((chunks[extent.chunk], extent.offset, extent.length))
                 position += extent.length
-            node.starts = starts
+            node.starts, node.spans = starts, spans
         end = min(offset + length, node.size)
         if offset >= end:
             return []
-        i = max(0, bisect.bisect_right(node.starts, offset) - 1)
-        chunks = self.layers[node.layer].chunks
+        if len(spans) == 1:  # most files: one extent
+            chunk, at, size = spans[0]
+            return [(chunk, at + offset, min(end, size) - offset)] if offset < size else []
+        starts = node.starts
+        assert starts is not None
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
         pieces = []
-        while i < len(node.extents) and node.starts[i] < end:
-            extent = node.extents[i]
-            start = max(offset, node.starts[i])
-            stop = min(end, node.starts[i] + extent.length)
+        while i < len(spans) and starts[i] < end:
+            chunk, at, size = spans[i]
+            start = max(offset, starts[i])
+            stop = min(end, starts[i] + size)
             if stop > start:
-                pieces.append((chunks[extent.chunk], extent.offset + start - node.starts[i], stop - start))
+                pieces.append((chunk, at + start - starts[i], stop - start))
             i += 1
         return pieces

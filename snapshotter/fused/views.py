@@ -14,6 +14,7 @@ bytes or ESTALE) and the view is mounted afresh for new containers."""
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -49,24 +50,24 @@ class ViewSpec:
 
 
 _NODE = struct.Struct("<QIQIIIqQI")
+_CHILD = struct.Struct("<IQ")
 
 
 def inode_digest(view: View) -> str:
     """A digest of everything the kernel may hold about the view's inodes (numbers, types, sizes,
     owners, times, link counts, names in each directory): equal digests, same answers."""
-    h = hashlib.sha256()
+    parts = []
+    pack, entry = _NODE.pack, _CHILD.pack
     for node in view.nodes[1:]:
         if node is None:
             continue
-        h.update(
-            _NODE.pack(
-                node.ino, node.mode, node.size, node.uid, node.gid, node.nlink, node.mtime_ns, node.rdev, len(node.children or ())
-            )
+        children = node.children
+        parts.append(
+            pack(node.ino, node.mode, node.size, node.uid, node.gid, node.nlink, node.mtime_ns, node.rdev, len(children or ()))
         )
-        if node.children:
-            for name, child in node.children.items():
-                h.update(struct.pack("<IQ", len(name), child.ino) + name)
-    return h.hexdigest()
+        if children:
+            parts.extend(entry(len(name), child.ino) + name for name, child in children.items())
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 @dataclass
@@ -162,7 +163,7 @@ class Views:
             elif str(mountpoint) not in _fuse_mounts():
                 why = f"nothing is mounted at {mountpoint} any more"
             else:
-                view = View([self.indexes.load(d) for d in spec.layers], spec.layers_below)
+                view = self._build(spec)
                 digest = inode_digest(view)
                 if digest != record.inodes:
                     why = f"its inode table rebuilt from the local indexes differs ({digest[:12]}, recorded {record.inodes[:12]})"
@@ -183,7 +184,25 @@ class Views:
             except LiftoffError as e:
                 log.warning("view %s: %s", spec.view_id, e)
             log.info("re-attached view %s (%d inodes) at %s", spec.view_id, len(view.nodes) - 1, mountpoint)
+            self._settle()
             return mounted
+
+    def _build(self, spec: ViewSpec) -> View:
+        """The view's tree, built from the local indexes with the cyclic garbage collector paused:
+        the tens of thousands of nodes it allocates would otherwise set off full collections."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return View([self.indexes.load(d) for d in spec.layers], spec.layers_below)
+        finally:
+            if paused:
+                gc.enable()
+
+    @staticmethod
+    def _settle() -> None:
+        """Move every object alive now (the views' trees above all) out of the collector's sight, so
+        that collections while serving do not walk them again and again; unmount() gives them back."""
+        gc.freeze()
 
     def _session(self, view: View, view_id: str) -> FuseSession:
         """A session for the view; its inode states (passthrough) live next to its record. A connection
@@ -218,6 +237,7 @@ class Views:
                 return
             self._views.pop(session.label, None)
             self._forget_fd(session.label, session.fd)
+        gc.unfreeze()
         log.info("view %s: its FUSE connection ended", session.label)
 
     def stop_all(self, timeout: float) -> tuple[dict[str, int], int]:
@@ -248,7 +268,7 @@ class Views:
             if mounted is not None and mounted.alive():
                 return mounted, False
             started = time.monotonic()
-            view = View([self.indexes.load(d) for d in spec.layers], spec.layers_below)
+            view = self._build(spec)
             mountpoint = self.mnt / spec.view_id
             if str(mountpoint) in _fuse_mounts() or _is_stale(mountpoint):
                 log.warning("clearing a stale mount at %s", mountpoint)
@@ -275,6 +295,7 @@ class Views:
                 mountpoint,
                 time.monotonic() - started,
             )
+            self._settle()
             return mounted, True
 
     def _write_record(self, record: Record) -> None:
@@ -311,6 +332,7 @@ class Views:
                 mountpoint.rmdir()
             except OSError:
                 pass
+        gc.unfreeze()  # a view's session and tree hold reference cycles: collectable again
         log.info("unmounted view %s", view_id)
 
     def detach_all(self) -> None:
