@@ -108,7 +108,16 @@ def test_daemonsets_serve_a_lazy_start_from_the_image(image, tmp_path, registry)
 
         def daemon(name: str, mounts: list[Path], argv: list[str]) -> None:
             # hostPID is left out: runc here fails to join /proc/1/ns/pid ("can't get final child's PID from pipe")
-            opts = ["run", "-d", "--privileged", "--net-host", "--snapshotter", "overlayfs", "--log-uri", f"file://{logs}/{name}.log"]
+            opts = [
+                "run",
+                "-d",
+                "--privileged",
+                "--net-host",
+                "--snapshotter",
+                "overlayfs",
+                "--log-uri",
+                f"file://{logs}/{name}.log",
+            ]
             for path in mounts:
                 propagation = "rshared" if path == state else "rprivate"
                 opts += ["--mount", f"type=bind,src={path},dst={path},options=rbind:rw:{propagation}"]
@@ -129,12 +138,37 @@ def test_daemonsets_serve_a_lazy_start_from_the_image(image, tmp_path, registry)
         wait_for(holder / "fdholder.sock", "fdholder")
         remote = state / "snapshotter" / "remote"
         port = 19000 + os.getpid() % 1000
-        fused_argv = ["--log-format", "json", "--log-level", "info", "fused", "--root", str(remote), "--store", store_url,
-                      "--fd-holder", str(holder / "fdholder.sock"), "--metrics-address", f"127.0.0.1:{port}"]
+        fused_argv = [
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "fused",
+            "--root",
+            str(remote),
+            "--store",
+            store_url,
+            "--fd-holder",
+            str(holder / "fdholder.sock"),
+            "--metrics-address",
+            f"127.0.0.1:{port}",
+        ]
         daemon("fused", [state, holder, store, Path("/dev/fuse")], fused_argv)
         wait_for(remote / "fused.sock", "fused")
-        daemon("snapshotter", [state, run, store], ["snapshotter", "--root", str(state / "snapshotter"), "--socket",
-                                                    str(socket_path), "--store", store_url, "--no-start-fused"])
+        daemon(
+            "snapshotter",
+            [state, run, store],
+            [
+                "snapshotter",
+                "--root",
+                str(state / "snapshotter"),
+                "--socket",
+                str(socket_path),
+                "--store",
+                store_url,
+                "--no-start-fused",
+            ],
+        )
         wait_for(socket_path, "snapshotter")
         # as on a node (liftoff node install, README's deployment step 4): containerd restarts once the snapshotter serves.
         # This containerd dialled the socket before it existed; gRPC's reconnect backoff (up to minutes) would
@@ -151,8 +185,9 @@ def test_daemonsets_serve_a_lazy_start_from_the_image(image, tmp_path, registry)
         liftoff = [sys.executable, "-m", "liftoff"]
         done = subprocess.run([*liftoff, "convert", ref, "--plain-http", "--store", store_url], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        done = subprocess.run([*liftoff, "pull", ref, "--address", containerd.address, "--plain-http", "--json"],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [*liftoff, "pull", ref, "--address", containerd.address, "--plain-http", "--json"], capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr + containerd.log()[-2000:]
         assert [layer["state"] for layer in json.loads(done.stdout)["layers"]] == ["remote"] * 3
         out = ctr("run", "--rm", "--snapshotter", "liftoff", ref, "lazy-from-image", "/app/run.sh")

@@ -49,8 +49,22 @@ def metrics_stack(tmp_path_factory, store_url):
     """fused with --metrics-address and --log-format json (as the DaemonSet runs it), its snapshotter, containerd."""
     workdir = tmp_path_factory.mktemp("metrics-stack")
     port = free_port()
-    argv = [sys.executable, "-m", "liftoff", "--log-level", "info", "--log-format", "json", "fused",
-            "--root", str(workdir / "root" / "remote"), "--store", store_url, "--metrics-address", f"127.0.0.1:{port}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "liftoff",
+        "--log-level",
+        "info",
+        "--log-format",
+        "json",
+        "fused",
+        "--root",
+        str(workdir / "root" / "remote"),
+        "--store",
+        store_url,
+        "--metrics-address",
+        f"127.0.0.1:{port}",
+    ]
     fused = spawn("fused", argv, workdir)
     wait_for_socket(workdir / "root" / "remote" / "fused.sock", fused, 30)
     socket_path = workdir / "run" / "snapshotter.sock"
@@ -78,8 +92,9 @@ def test_metrics_move_with_a_lazy_start(metrics_stack, conformance_image):
     store = (("store", stack.store_url),)
     assert after[("liftoff_fused_chunk_fetches_total", store)] > 0
     assert after[("liftoff_fused_chunk_fetched_bytes_total", store)] > 0
-    assert after[("liftoff_fused_store_request_duration_seconds_count", (("outcome", "ok"), *store))] == (
-        after[("liftoff_fused_chunk_fetches_total", store)]
+    assert (
+        after[("liftoff_fused_store_request_duration_seconds_count", (("outcome", "ok"), *store))]
+        == (after[("liftoff_fused_chunk_fetches_total", store)])
     )
     assert after[("liftoff_fused_cache_misses_total", ())] >= after[("liftoff_fused_chunk_fetches_total", store)]
     assert after[("liftoff_fused_views", ())] >= 1
