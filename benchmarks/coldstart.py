@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -54,6 +55,14 @@ COMMANDS = {
 }
 BUCKET = "liftoff-bench"
 PULL_TIMEOUT = 1800.0  # containerd's unpack of a 10 GB image on a throttled disk takes minutes
+
+
+def no_run_args(name: str) -> list[str]:
+    return []
+
+
+# extra `ctr run` arguments for a container named `name` (seedscale: the gp3 disk's throttled cgroup)
+run_args: Callable[[str], list[str]] = no_run_args
 WARM: list[Path] = []  # the emulated remote servers' directories: kept in the page cache across runs
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -97,11 +106,11 @@ def measure_overlayfs(ref: str, command: list[str], workdir: Path, registry_prox
         containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref, timeout=PULL_TIMEOUT)
         pull = time.monotonic() - started
         started = time.monotonic()
-        containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, "bench-cold", *command)
+        containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", *run_args("bench-cold"), ref, "bench-cold", *command)
         run = time.monotonic() - started
         registry_bytes = registry_proxy.stats.bytes_down - before
         started = time.monotonic()
-        containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, "bench-warm", *command)
+        containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", *run_args("bench-warm"), ref, "bench-warm", *command)
         warm = time.monotonic() - started
         return Sample(pull, run, warm, registry_bytes, 0)
     finally:
@@ -155,7 +164,7 @@ def measure_liftoff(
         liftoff("pull", ref, "--address", containerd.address, "--plain-http", "--snapshotter", "liftoff")
         pull = time.monotonic() - started
         started = time.monotonic()
-        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-cold", *command)
+        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", *run_args("bench-cold"), ref, "bench-cold", *command)
         run = time.monotonic() - started
         fused_cpu = cpu_seconds(fused.process.pid) - cpu_before
         registry_bytes = registry_proxy.stats.bytes_down - registry_before
@@ -165,7 +174,7 @@ def measure_liftoff(
             for name, count in view.requests.items():
                 requests[name] = requests.get(name, 0) + count
         started = time.monotonic()
-        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", ref, "bench-warm", *command)
+        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", *run_args("bench-warm"), ref, "bench-warm", *command)
         warm = time.monotonic() - started
         return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests)
 

@@ -6,19 +6,25 @@
 The backing file lives on this machine's disk; the loop device uses direct I/O, so reads and writes
 reach the throttle instead of a second page cache. The throttle is the root blkio cgroup's (cgroup v1
 here): `blkio.throttle.{read,write}_bps_device` 125 MB/s and `{read,write}_iops_device` 3000, gp3's
-baseline. Buffered writes are throttled as they are written back (see ../shared/DESIGN.md 4b). Every
-process on the machine sees the limit for this device only; it is removed and the device detached on
+baseline. Buffered writes are throttled as they are written back (see ../shared/DESIGN.md 4b).
+cgroup v1's throttle is not hierarchical: a process in a child blkio cgroup reads this device at full
+speed (measured: 1.6 GB/s against 125 MB/s in the root), and runc puts every container in a cgroup of
+its own. So a container that touches the disk runs in a cgroup made by `container_cgroup` (pass it to
+`ctr run --cgroup`), which carries the same limits. The limits are removed and the device detached on
 exit. Needs root, losetup and mkfs.ext4.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 BLKIO = Path("/sys/fs/cgroup/blkio")
+CONTAINER_CGROUPS = "liftoff-gp3"  # the parent of the containers' throttled blkio cgroups
 GP3_BPS = 125_000_000
 GP3_IOPS = 3000
 THROTTLES = {
@@ -89,7 +95,26 @@ class Gp3Disk:
             subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
         subprocess.run(["losetup", "-d", self.device], capture_output=True)
         self.device = ""
+        for cgroup in sorted((BLKIO / CONTAINER_CGROUPS).glob("*"), reverse=True):
+            with contextlib.suppress(OSError):  # runc removes its own; one still in use stays
+                cgroup.rmdir()
         self.image.unlink(missing_ok=True)
+
+    def container_cgroup(self, name: str) -> str:
+        """A blkio cgroup with this disk's limits for one container: `ctr run --cgroup` it (runc joins the
+        existing blkio directory and leaves its throttle alone; it creates the other controllers' own)."""
+        if not self.throttle:
+            return ""
+        path = BLKIO / CONTAINER_CGROUPS / f"{name}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        for file, limit in THROTTLES.items():
+            (path / file).write_text(f"{self.major_minor} {limit}\n")
+        return f"/{CONTAINER_CGROUPS}/{path.name}"
+
+    def ctr_run_args(self, name: str) -> list[str]:
+        """`ctr run` arguments that put a container under this disk's limits (none when unthrottled)."""
+        cgroup = self.container_cgroup(name)
+        return ["--cgroup", cgroup] if cgroup else []
 
     def _release_stale(self) -> None:
         """Unmount and detach what an interrupted run left on this workdir."""

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
+from benchmarks import coldstart
 from benchmarks.benchlib import drop_caches, liftoff_node, load_average, machine, table
 from benchmarks.build_images import Chroot, download_wheels, ensure_images, ensure_vllm_image, run
 from benchmarks.gp3 import Gp3Disk
@@ -170,6 +171,7 @@ def replica(containerd, ref: str, snapshotter: str, model_url: str, loader: str,
         "--net-host",
         "--snapshotter",
         snapshotter,
+        *coldstart.run_args(f"replica-{port}"),
         *env,
         ref,
         f"replica-{port}",
@@ -382,6 +384,7 @@ def main() -> None:
                 node_root = disk.mountpoint if args.seed else WORK
                 if args.seed:
                     report["disk"] = {"describe": disk.describe(), **disk.check()}
+                    coldstart.run_args = disk.ctr_run_args  # the replica reads the node disk under its limits too
                 samples: dict[str, list[Sample]] = {name: [] for name in contenders}
                 for i in range(args.runs):
                     for name in contenders:
