@@ -124,8 +124,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def liftoff_node(workdir: Path, store: str, fused_args: list[str]):
-    """A fresh node (the FUSE daemon with `fused_args`, the snapshotter, containerd); yields containerd and the daemon."""
+def liftoff_node(workdir: Path, store: str, fused_args: list[str], cri: bool = False):
+    """A fresh node (the FUSE daemon with `fused_args`, the snapshotter, containerd, with its CRI plugin unpacking with
+    liftoff if `cri`); yields containerd and the daemon."""
     from snapshotter.localnode import start_fused, start_snapshotter
 
     socket = workdir / "run" / "snapshotter.sock"
@@ -135,7 +136,7 @@ def liftoff_node(workdir: Path, store: str, fused_args: list[str]):
         snapshotter = start_snapshotter(
             workdir / "root", socket, workdir=workdir, log_level="info", extra_args=["--store", store, "--no-start-fused"]
         )
-        containerd = start_containerd(workdir / "containerd", socket)
+        containerd = start_containerd(workdir / "containerd", socket, cri=cri)
         yield containerd, fused
     finally:
         if containerd:
@@ -153,19 +154,35 @@ def measure_liftoff(
     registry_proxy: ShapingProxy,
     store_proxy: ShapingProxy,
     fused_args: list[str],
+    cri: bool = False,
 ) -> Sample:
+    """A liftoff node's pull and first run; with `cri`, pulled as kubelet pulls (CRI PullImage, containerd's own
+    unpacker, no `liftoff pull` process) and run in CRI's namespace."""
+    from snapshotter.cri import CRIImageClient
     from snapshotter.fuse_control import FusedClient
 
-    with liftoff_node(workdir, store, fused_args) as (containerd, fused):
+    namespace = "k8s.io" if cri else "default"
+    with liftoff_node(workdir, store, fused_args, cri=cri) as (containerd, fused):
+        client = CRIImageClient(containerd.address) if cri else None
+        if client:
+            client.wait_ready()
         drop_caches(WARM)
         registry_before, store_before = registry_proxy.stats.bytes_down, store_proxy.stats.bytes_down
         cpu_before = cpu_seconds(fused.process.pid)
         started = time.monotonic()
-        liftoff("pull", ref, "--address", containerd.address, "--plain-http", "--snapshotter", "liftoff")
+        if client:
+            with client:
+                client.pull(ref)
+        else:
+            liftoff("pull", ref, "--address", containerd.address, "--plain-http", "--snapshotter", "liftoff")
         pull = time.monotonic() - started
-        started = time.monotonic()
-        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", *run_args("bench-cold"), ref, "bench-cold", *command)
-        run = time.monotonic() - started
+
+        def ctr_run(name: str) -> float:
+            started = time.monotonic()
+            containerd.ctr("run", "--rm", "--snapshotter", "liftoff", *run_args(name), ref, name, *command, namespace=namespace)
+            return time.monotonic() - started
+
+        run = ctr_run("bench-cold")
         fused_cpu = cpu_seconds(fused.process.pid) - cpu_before
         registry_bytes = registry_proxy.stats.bytes_down - registry_before
         store_bytes = store_proxy.stats.bytes_down - store_before
@@ -173,9 +190,7 @@ def measure_liftoff(
         for view in FusedClient(workdir / "root" / "remote" / "fused.sock").status().views:
             for name, count in view.requests.items():
                 requests[name] = requests.get(name, 0) + count
-        started = time.monotonic()
-        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", *run_args("bench-warm"), ref, "bench-warm", *command)
-        warm = time.monotonic() - started
+        warm = ctr_run("bench-warm")
         return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests)
 
 
@@ -273,24 +288,7 @@ def print_table(setting: str, name: str, results: Results, compressed: int, info
         "c": "(c) liftoff + profile",
         "d": "(d) (c), --no-passthrough",
     }
-    rows = []
-    for key in ("a", "b", "c", "d"):
-        samples = results.samples.get(key)
-        if not samples:
-            continue
-        fetched = statistics.median(s.registry_bytes + s.store_bytes for s in samples)
-        rows.append(
-            [
-                labels[key],
-                median_text([s.pull for s in samples]),
-                median_text([s.run for s in samples]),
-                median_text([s.total for s in samples]),
-                median_text([s.warm for s in samples]),
-                f"{fetched / 1e6:.1f} MB ({fetched / compressed:.0%})",
-                median_text([s.fused_cpu for s in samples]) if key != "a" else "-",
-                _requests_text(samples) if key != "a" else "-",
-            ]
-        )
+    rows = sample_rows(results, labels, compressed)
     a, c = results.samples["a"], results.samples["c"]
 
     def ratio(f) -> float:
@@ -313,6 +311,29 @@ def print_table(setting: str, name: str, results: Results, compressed: int, info
         f"first run liftoff(c)/overlayfs warm run {statistics.median(s.run for s in c) / warm_a:.2f}x",
         flush=True,
     )
+
+
+def sample_rows(results: Results, labels: dict[str, str], compressed: int) -> list[list[str]]:
+    """One table row per contender in `labels` that ran: medians (min-max) and what it fetched; (a) has no daemon."""
+    rows = []
+    for key, label in labels.items():
+        samples = results.samples.get(key)
+        if not samples:
+            continue
+        fetched = statistics.median(s.registry_bytes + s.store_bytes for s in samples)
+        rows.append(
+            [
+                label,
+                median_text([s.pull for s in samples]),
+                median_text([s.run for s in samples]),
+                median_text([s.total for s in samples]),
+                median_text([s.warm for s in samples]),
+                f"{fetched / 1e6:.1f} MB ({fetched / compressed:.1%})",
+                median_text([s.fused_cpu for s in samples]) if key != "a" else "-",
+                _requests_text(samples) if key != "a" else "-",
+            ]
+        )
+    return rows
 
 
 def _requests_text(samples: list[Sample]) -> str:

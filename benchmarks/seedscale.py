@@ -35,9 +35,9 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks import coldstart
-from benchmarks.benchlib import drop_caches, load_average, machine, table
+from benchmarks.benchlib import load_average, machine, table
 from benchmarks.build_images import VLLM_DIR, ensure_vllm_image
-from benchmarks.coldstart import AWS, BUCKET, Results, Sample, cpu_seconds, layer_bytes, liftoff, median_text
+from benchmarks.coldstart import AWS, BUCKET, Results, layer_bytes, liftoff
 from benchmarks.gp3 import Gp3Disk
 from benchmarks.plots import coldstart_plot
 from benchmarks.shaping_proxy import UNSHAPED, Shaping, ShapingProxy
@@ -55,52 +55,6 @@ LABELS = {
     "p": "(p) (c) + passthrough",
 }
 PREFIX = {"b": "plain", "c": "profiled", "e": "profiled", "p": "profiled"}
-
-
-def measure_cri(ref: str, workdir: Path, store: str, registry_proxy: ShapingProxy, store_proxy: ShapingProxy) -> Sample:
-    """(e): the liftoff node with containerd's CRI plugin unpacking with liftoff; kubelet's PullImage, then ctr run."""
-    from snapshotter.cri import CRIImageClient
-    from snapshotter.fuse_control import FusedClient
-    from snapshotter.localnode import start_containerd, start_fused, start_snapshotter
-
-    socket = workdir / "run" / "snapshotter.sock"
-    fused = start_fused(workdir / "root" / "remote", ["--store", store], workdir=workdir)
-    snapshotter = containerd = None
-    try:
-        snapshotter = start_snapshotter(
-            workdir / "root", socket, workdir=workdir, log_level="info", extra_args=["--store", store, "--no-start-fused"]
-        )
-        containerd = start_containerd(workdir / "containerd", socket, cri=True)
-        with CRIImageClient(containerd.address) as client:
-            client.wait_ready()
-            drop_caches(coldstart.WARM)
-            registry_before, store_before = registry_proxy.stats.bytes_down, store_proxy.stats.bytes_down
-            cpu_before = cpu_seconds(fused.process.pid)
-            started = time.monotonic()
-            client.pull(ref)
-            pull = time.monotonic() - started
-        started = time.monotonic()
-        cold = coldstart.run_args("bench-cold")
-        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", *cold, ref, "bench-cold", *COMMAND, namespace="k8s.io")
-        run = time.monotonic() - started
-        fused_cpu = cpu_seconds(fused.process.pid) - cpu_before
-        registry_bytes = registry_proxy.stats.bytes_down - registry_before
-        store_bytes = store_proxy.stats.bytes_down - store_before
-        requests: dict[str, int] = {}
-        for view in FusedClient(workdir / "root" / "remote" / "fused.sock").status().views:
-            for name, count in view.requests.items():
-                requests[name] = requests.get(name, 0) + count
-        started = time.monotonic()
-        warm_args = coldstart.run_args("bench-warm")
-        containerd.ctr("run", "--rm", "--snapshotter", "liftoff", *warm_args, ref, "bench-warm", *COMMAND, namespace="k8s.io")
-        warm = time.monotonic() - started
-        return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests)
-    finally:
-        if containerd:
-            containerd.stop()
-        if snapshotter:
-            snapshotter.stop()
-        fused.stop()
 
 
 def prepare(layout: Path, registry, store_root: Path) -> dict:
@@ -121,24 +75,7 @@ def prepare(layout: Path, registry, store_root: Path) -> dict:
 
 
 def print_table(results: Results, compressed: int, info: dict, setting: str) -> list[str]:
-    rows = []
-    for key in LABELS:
-        samples = results.samples.get(key)
-        if not samples:
-            continue
-        fetched = statistics.median(s.registry_bytes + s.store_bytes for s in samples)
-        rows.append(
-            [
-                LABELS[key],
-                median_text([s.pull for s in samples]),
-                median_text([s.run for s in samples]),
-                median_text([s.total for s in samples]),
-                median_text([s.warm for s in samples]),
-                f"{fetched / 1e6:.1f} MB ({fetched / compressed:.1%})",
-                median_text([s.fused_cpu for s in samples]) if key != "a" else "-",
-                coldstart._requests_text(samples) if key != "a" else "-",
-            ]
-        )
+    rows = coldstart.sample_rows(results, LABELS, compressed)
     print(
         f"\n{IMAGE} image, {setting}: {compressed / 1e9:.2f} GB compressed (registry), "
         f"{info['stored_bytes'] / 1e9:.2f} GB in the store, {info['tar_bytes'] / 1e9:.2f} GB unpacked"
@@ -215,11 +152,10 @@ def main() -> None:
                         sample = coldstart.measure_overlayfs(ref, COMMAND, base, registry_proxy)
                     else:
                         store = f"s3://{BUCKET}/{PREFIX[key]}?endpoint_url={endpoint}&path_style=true"
-                        if key == "e":
-                            sample = measure_cri(ref, base, store, registry_proxy, store_proxy)
-                        else:
-                            fused_args = ["--passthrough"] if key == "p" else []
-                            sample = coldstart.measure_liftoff(ref, COMMAND, base, store, registry_proxy, store_proxy, fused_args)
+                        fused_args = ["--passthrough"] if key == "p" else []
+                        sample = coldstart.measure_liftoff(
+                            ref, COMMAND, base, store, registry_proxy, store_proxy, fused_args, cri=key == "e"
+                        )
                     results.add(key, sample)
                     print(
                         f"run {run} {LABELS[key]}: pull {sample.pull:.2f} s, first run {sample.run:.2f} s, warm "

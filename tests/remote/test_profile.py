@@ -117,3 +117,31 @@ def test_relayout_keeps_every_byte(tmp_path):
     large = next(e for e in index.entries if e.path == b"d/large")
     hot_slots = {index.chunks.__len__() - len(infos) + i for i in range(len(infos))}
     assert any(extent.chunk in hot_slots for extent in large.extents)
+
+
+def test_cri_pull_prefetches_the_profile(tmp_path_factory, conformance_image, store_url):
+    """kubelet's path (CRI PullImage, containerd's unpacker, no image labels by default) starts the profile's
+    prefetch during the pull, as `liftoff pull` does: before any container asks for a byte."""
+    from snapshotter.cri import CRIImageClient
+
+    convert(conformance_image, store_url)
+    run_cli("profile", conformance_image.ref, "--plain-http", "--store", store_url, "--", *COMMAND)
+    chunks = len(profile_of(store_url, conformance_image.ref)["chunks"])
+    stack = start_stack(tmp_path_factory.mktemp("cri-profiled"), store_url, cri=True)
+    try:
+        with CRIImageClient(stack.containerd.address) as client:
+            client.wait_ready()
+            client.pull(conformance_image.ref)
+        deadline = time.monotonic() + 20
+        status = stack.fused().status()
+        while status.prefetch.profile_chunks < chunks and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = stack.fused().status()
+        assert status.prefetch.profile_chunks == chunks, status.prefetch
+        out = stack.containerd.ctr(
+            "run", "--rm", "--snapshotter", "liftoff", conformance_image.ref, "cri-p1", *COMMAND, namespace="k8s.io"
+        )
+        assert out.startswith("NAME=liftoff-test")
+        assert stack.fused().status().fetch.chunks == chunks  # every read was covered by the profile
+    finally:
+        stack.stop()
