@@ -192,6 +192,8 @@ class RemoteLayers:
             if record is None:
                 return  # not the top of a converted image: the view is mounted when a container needs it
             profile = (record.profile or {}).get("chunks")
+            if profile:  # at once, whoever mounts the view first: a container's mount carries no profile
+                self.fused.prefetch(record.manifest_digest, profile)
             self.fused.mount(view_id(layers, False), layers, False, profile=profile, image=record.manifest_digest)
             log.info(
                 "mounted the view of %s early%s",
