@@ -50,7 +50,7 @@ from benchmarks import coldstart
 from benchmarks.benchlib import drop_caches, liftoff_node, load_average, machine, table
 from benchmarks.build_images import Chroot, download_wheels, ensure_images, ensure_vllm_image, run
 from benchmarks.gp3 import Gp3Disk
-from benchmarks.shaping_proxy import SHAPED, UNSHAPED, ShapingProxy
+from benchmarks.shaping_proxy import SEED_SHAPED, SHAPED, UNSHAPED, ShapingProxy
 from liftoff.devstack.services import free_port, push_layout, start_nginx, start_registry
 from snapshotter.localnode import start_containerd
 
@@ -322,8 +322,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(AWS)
     if args.seed:
-        from benchmarks.seedscale import SEED_SHAPED
-
         layout, tag = ensure_server_image(ensure_vllm_image(), "vllm", in_place=True)
         SERVER_IMPORTS[:] = ["vllm"]
         settings = {"shaped": SEED_SHAPED}

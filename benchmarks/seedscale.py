@@ -40,13 +40,12 @@ from benchmarks.build_images import VLLM_DIR, ensure_vllm_image
 from benchmarks.coldstart import AWS, BUCKET, Results, layer_bytes, liftoff
 from benchmarks.gp3 import Gp3Disk
 from benchmarks.plots import coldstart_plot
-from benchmarks.shaping_proxy import UNSHAPED, Shaping, ShapingProxy
+from benchmarks.shaping_proxy import SEED_SHAPED, UNSHAPED, ShapingProxy
 from liftoff.devstack.services import push_layout, start_nginx, start_registry
 
 WORK = Path("/var/tmp/liftoff-bench/seedscale")
 IMAGE = "vllm"
 COMMAND = ["python3", "-c", "import vllm; print(vllm.__version__)"]  # --tag torch/python: coldstart's commands
-SEED_SHAPED = Shaping(latency=0.020, conn_rate=100e6, total_rate=1.25e9)
 LABELS = {
     "a": "(a) overlayfs pull+run",
     "b": "(b) liftoff, no profile",

@@ -65,6 +65,7 @@ class Shaping:
 
 UNSHAPED = Shaping()
 SHAPED = Shaping(latency=0.020, conn_rate=100e6, total_rate=1e9)  # a remote object store, roughly
+SEED_SHAPED = Shaping(latency=0.020, conn_rate=100e6, total_rate=1.25e9)  # the seeds' setting: a node's 10 Gb/s link
 
 
 class TokenBucket:

@@ -11,7 +11,7 @@ throughput) and the safetensors library to load from local disk" on nodes with g
   than this 24 GiB machine holds twice), random bf16 bytes in 3 shards with an index, written once under
   /var/tmp (not in the repo), served by Debian's nginx with path-style S3 URLs;
 - network: "shaped" = benchmarks/shaping_proxy.py at 20 ms per request + 100 MB/s per connection + 1.25 GB/s
-  in total (SEED_SHAPING), and "unshaped" = nginx on loopback;
+  in total (shaping_proxy.SEED_SHAPED), and "unshaped" = nginx on loopback;
 - node disk: benchmarks/gp3.py (ext4 on a loop device throttled to gp3's 125 MB/s and 3000 IOPS);
 - contenders, each in its own process (peak RSS = its VmHWM; awscli's from wait4):
   (a) awscli `aws s3 cp` (its own venv under /var/tmp, max_concurrent_requests 64, multipart_chunksize 16MB)
@@ -43,11 +43,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import weights  # noqa: E402
 from benchmarks.benchlib import drop_caches, load_average, machine, timed  # noqa: E402
 from benchmarks.gp3 import Gp3Disk  # noqa: E402
-from benchmarks.shaping_proxy import UNSHAPED, ProxyProcess, Shaping  # noqa: E402
+from benchmarks.shaping_proxy import SEED_SHAPED, UNSHAPED, ProxyProcess  # noqa: E402
 from benchmarks.weights import BUCKET, CREDENTIALS, MiB  # noqa: E402
 from liftoff.devstack.services import start_nginx  # noqa: E402
 
-SEED_SHAPING = Shaping(latency=0.020, conn_rate=100e6, total_rate=1.25e9)
 DEFAULT_DIR = Path("/var/tmp/liftoff-weights-seed")
 QUICK_DIR = Path("/var/tmp/liftoff-weights-seed-quick")
 AWSCLI_VENV = Path("/var/tmp/liftoff-awscli")
@@ -273,7 +272,7 @@ def run(args: argparse.Namespace, info: dict) -> None:
             print(f"# {time.strftime('%Y-%m-%d %H:%M')} {machine()}; load {load_average():.2f}", flush=True)
             print(f"# node disk: {disk.describe()}; dd: {disk.check(256 if args.quick else 1024)}", flush=True)
             for setting in args.settings:
-                shaping = SEED_SHAPING if setting == "shaped" else UNSHAPED
+                shaping = SEED_SHAPED if setting == "shaped" else UNSHAPED
                 proxy = ProxyProcess(("127.0.0.1", nginx.port), shaping) if shaping is not UNSHAPED else None
                 endpoint = f"http://127.0.0.1:{proxy.port if proxy else nginx.port}"
                 try:
@@ -321,7 +320,7 @@ def report(args: argparse.Namespace, info: dict, results: dict[tuple[str, str], 
                 ratio = f"{kept[0] / lo:.2f}x"
         drop_col = _fmt(dropped) if method in DISK else "same"
         print(
-            f"| {SEED_SHAPING.label if setting == 'shaped' else 'unshaped'} | {LABELS[method]} | {_fmt(kept)} | "
+            f"| {SEED_SHAPED.label if setting == 'shaped' else 'unshaped'} | {LABELS[method]} | {_fmt(kept)} | "
             f"{drop_col} | {gb / kept[0]:.2f} | {rss:.0f} | {ratio} |"
         )
     for (setting, method), runs in results.items():
