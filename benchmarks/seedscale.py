@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keys", default="a,b,c,e", help="which of (a), (b), (c), (e), (p) to run ((a) always runs)")
     parser.add_argument("--unshaped", action="store_true", help="no shaping proxy delays (the remote at loopback speed)")
-    parser.add_argument("--no-gp3", action="store_true", help="the node's state on this machine's own disk")
+    parser.add_argument("--no-gp3", action="store_true", help="the node disk unthrottled (the same loop device, no blkio limits)")
     parser.add_argument("--disk-gb", type=int, default=48, help="the emulated node disk's size")
     parser.add_argument("--out", type=Path, default=WORK.parent / "seedscale.json")
     parser.add_argument("--plot", type=Path, help="the timeline picture (PNG; default: --out with .png)")
