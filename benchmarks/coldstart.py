@@ -276,9 +276,7 @@ def main() -> None:
     finally:
         nginx.stop()
         registry.stop()
-    args.out.write_text(json.dumps(report, indent=1))
-    plot = coldstart_plot(report, args.plot or args.out.with_suffix(".png"))
-    print(f"machine: {machine()}; load average {load_average():.1f}; results in {args.out}, timeline in {plot}")
+    write_report(report, args.out, args.plot)
 
 
 def print_table(setting: str, name: str, results: Results, compressed: int, info: dict) -> None:
@@ -311,6 +309,13 @@ def print_table(setting: str, name: str, results: Results, compressed: int, info
         f"first run liftoff(c)/overlayfs warm run {statistics.median(s.run for s in c) / warm_a:.2f}x",
         flush=True,
     )
+
+
+def write_report(report: dict, out: Path, plot: Path | None) -> None:
+    """The results as JSON at `out` and their timeline picture (`plot`, default `out` with .png)."""
+    out.write_text(json.dumps(report, indent=1))
+    picture = coldstart_plot(report, plot or out.with_suffix(".png"))
+    print(f"machine: {machine()}; load average {load_average():.1f}; results in {out}, timeline in {picture}")
 
 
 def sample_rows(results: Results, labels: dict[str, str], compressed: int) -> list[list[str]]:

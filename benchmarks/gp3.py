@@ -81,10 +81,8 @@ class Gp3Disk:
             return
         if self.throttle and (BLKIO / "blkio.throttle.read_bps_device").exists():
             for name in THROTTLES:
-                try:
+                with contextlib.suppress(OSError):  # best effort: the device goes next anyway
                     (BLKIO / name).write_text(f"{self.major_minor} 0\n")
-                except OSError:
-                    pass
         for _ in range(20):  # a container's mount may take a moment to go
             if subprocess.run(["umount", str(self.mountpoint)], capture_output=True).returncode == 0:
                 break

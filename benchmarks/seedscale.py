@@ -39,7 +39,6 @@ from benchmarks.benchlib import load_average, machine, table
 from benchmarks.build_images import VLLM_DIR, ensure_vllm_image
 from benchmarks.coldstart import AWS, BUCKET, Results, layer_bytes, liftoff
 from benchmarks.gp3 import Gp3Disk
-from benchmarks.plots import coldstart_plot
 from benchmarks.shaping_proxy import SEED_SHAPED, UNSHAPED, ShapingProxy
 from liftoff.devstack.services import push_layout, start_nginx, start_registry
 
@@ -169,9 +168,7 @@ def main() -> None:
     finally:
         nginx.stop()
         registry.stop()
-    args.out.write_text(json.dumps(report, indent=1))
-    plot = coldstart_plot(report, args.plot or args.out.with_suffix(".png"))
-    print(f"machine: {machine()}; load average {load_average():.1f}; results in {args.out}, timeline in {plot}")
+    coldstart.write_report(report, args.out, args.plot)
 
 
 if __name__ == "__main__":
