@@ -20,7 +20,9 @@ throughput) and the safetensors library to load from local disk" on nodes with g
       within one 2.4 GB shard, and the disk, not the link, bounds the download;
   (b) boto3 download_file to the gp3 disk + sync + load_file;
   (c) Run:ai Model Streamer, tuned; (d) weightstream.load and weightstream streaming (bounded memory);
-  (e) raw parallel ranged GETs into one reused buffer (the limit).
+  (e) raw parallel ranged GETs into one reused, cache-hot buffer (the network's limit), and (e') the same GETs
+      into new memory of the checkpoint's size, allocated and populated as weightstream's host sink does (the
+      limit for any loader that must produce the checkpoint in fresh memory on this machine).
   The disk workflows are timed twice from one download: load_file with the page cache kept after the download
   (a node with RAM to spare), and after `sync; echo 3 > /proc/sys/vm/drop_caches` (a node without).
 """
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +56,7 @@ AWSCLI_VENV = Path("/var/tmp/liftoff-awscli")
 LAYOUT = "sharded"  # weights.py's children read store/bench/sharded/ (the index and its shards)
 SHARDS = 3
 RAW = {"concurrency": 16, "range_size": 16 * MiB}
-NETWORK = ["runai-tuned", "liftoff", "liftoff-stream", "raw"]
+NETWORK = ["runai-tuned", "liftoff", "liftoff-stream", "raw", "raw-fresh"]
 DISK = ["awscli", "boto3"]
 LABELS = {
     "awscli": "(a) awscli s3 cp + sync + load_file (gp3)",
@@ -62,6 +65,7 @@ LABELS = {
     "liftoff": "(d) liftoff weightstream.load",
     "liftoff-stream": "(d) liftoff streaming (bounded memory)",
     "raw": "(e) raw parallel GETs (limit)",
+    "raw-fresh": "(e') raw GETs into fresh memory (limit for a loader)",
 }
 
 
@@ -268,9 +272,12 @@ def run(args: argparse.Namespace, info: dict) -> None:
     nginx = start_nginx(store)
     results: dict[tuple[str, str], list[dict]] = {}
     try:
-        with Gp3Disk(args.dir / "gp3", size_gb=max(4, int(info["bytes"] * 2 / 2**30) + 2)) as disk:
+        need_disk = any(m in DISK for m in args.methods) and any(s in args.disk_settings for s in args.settings)
+        size_gb = max(4, int(info["bytes"] * 2 / 2**30) + 2)
+        with Gp3Disk(args.dir / "gp3", size_gb=size_gb) if need_disk else nullcontext() as disk:
             print(f"# {time.strftime('%Y-%m-%d %H:%M')} {machine()}; load {load_average():.2f}", flush=True)
-            print(f"# node disk: {disk.describe()}; dd: {disk.check(256 if args.quick else 1024)}", flush=True)
+            if disk is not None:
+                print(f"# node disk: {disk.describe()}; dd: {disk.check(256 if args.quick else 1024)}", flush=True)
             for setting in args.settings:
                 shaping = SEED_SHAPED if setting == "shaped" else UNSHAPED
                 proxy = ProxyProcess(("127.0.0.1", nginx.port), shaping) if shaping is not UNSHAPED else None
@@ -285,7 +292,7 @@ def run(args: argparse.Namespace, info: dict) -> None:
                             if method in DISK:
                                 runs.append(measure_disk(method, endpoint, args.dir, disk.mountpoint))
                             else:
-                                r = weights.measure(method, endpoint, LAYOUT, args.dir, RAW if method == "raw" else None)
+                                r = weights.measure(method, endpoint, LAYOUT, args.dir, RAW if method.startswith("raw") else None)
                                 runs.append({**r, "kept": r["seconds"], "dropped": r["seconds"]})
                             print(f"{shaping.label:>48}  {LABELS[method]:<50} {json.dumps(runs[-1])}", flush=True)
                         results[(setting, method)] = runs
@@ -312,7 +319,7 @@ def report(args: argparse.Namespace, info: dict, results: dict[tuple[str, str], 
         ratio = ""
         if mine and method != "liftoff":
             lo = _median(mine, "kept")[0]
-            if method == "raw":
+            if method.startswith("raw"):
                 ratio = f"liftoff = {kept[0] / lo:.0%} of it"
             elif method in DISK:
                 ratio = f"{kept[0] / lo:.2f}x / {dropped[0] / lo:.2f}x"
