@@ -11,6 +11,7 @@ from layerstore import s3url
 from layerstore.errors import ObjectNotFound, StoreError
 from layerstore.s3url import S3Location
 from layerstore.stores.base import Bytes, Store, parallel_sizes
+from layerstore.stores.presigned import PresignedGetter
 
 T = TypeVar("T")
 
@@ -20,7 +21,8 @@ class S3Store(Store):
 
     Endpoint, region and credentials come from the standard AWS configuration
     (environment, ~/.aws/config, instance roles), overridable per store. Retries follow
-    the one S3 policy (`layerstore/s3url.py`): botocore makes one attempt, this store retries.
+    the one S3 policy (`layerstore/s3url.py`): botocore makes one attempt, this store retries. Whole-object
+    reads go out as presigned URLs on plain keep-alive connections (`presigned.py`), failing as botocore would.
     """
 
     remote = True
@@ -47,6 +49,7 @@ class S3Store(Store):
             location, connect_timeout=connect_timeout, read_timeout=read_timeout, max_connections=max_connections
         )
         self.endpoint_url = self.client.meta.endpoint_url
+        self._getter: PresignedGetter | None = None  # made at the first get
         self._pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3store")
 
     def single_attempt(self, timeout: float) -> S3Store:
@@ -74,6 +77,11 @@ class S3Store(Store):
         return {"Bucket": self.bucket, "Key": self.prefix + key}
 
     def get(self, key: str) -> bytes:
+        getter = self._getter
+        if getter is None:
+            getter = self._getter = PresignedGetter(self.client, self.bucket, self.read_timeout)
+        if getter.usable:
+            return self._call("read", key, lambda: getter.get(self.prefix + key))
         return self._call("read", key, lambda: self.client.get_object(**self._key(key))["Body"].read())
 
     def put(self, key: str, data: Bytes) -> None:
@@ -140,4 +148,6 @@ class S3Store(Store):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        if self._getter is not None:
+            self._getter.close()
         self.client.close()

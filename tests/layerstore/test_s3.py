@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -17,7 +18,9 @@ from layerstore.errors import StoreError
 from layerstore.retry import STALL_ATTEMPTS
 from layerstore.s3url import S3Location, S3URLError
 from layerstore.stores import open_store
+from layerstore.stores.presigned import PresignedGetter
 from layerstore.stores.s3 import S3Store
+from liftoff.devstack.services import start_nginx
 from tests.faultproxy import FaultProxy
 from tests.silent_server import SilentServer
 
@@ -139,3 +142,74 @@ def test_a_silent_endpoint_fails_after_a_few_stalls_not_every_attempt(monkeypatc
         server.stop()
         store.close()
     assert server.connections == STALL_ATTEMPTS < store.attempts
+
+
+class _BotocoreOnly:
+    usable = False
+
+    def close(self) -> None:
+        pass
+
+
+def _both_ways(store: S3Store, key: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(exception type, one-line error) of a read through presigned URLs, then through botocore's get_object."""
+    messages = []
+    for getter in (None, _BotocoreOnly()):
+        store._getter = getter
+        with pytest.raises(StoreError) as error:
+            store.get(key)
+        messages.append((type(error.value).__name__, str(error.value)))
+    return messages[0], messages[1]
+
+
+def test_reads_go_through_presigned_urls_and_fail_exactly_as_botocore_reads(proxied_store):
+    """The chunk path's lean GETs (layerstore/stores/presigned.py): one request per attempt, the same retries,
+    and the same one-line errors as get_object for a missing object and a missing bucket."""
+    store, proxy, direct = proxied_store
+    data = os.urandom(300_000)
+    direct.put("chunks/a", data)
+    assert store.get("chunks/a") == data and store._getter.usable
+    assert proxy.requests == 1
+    proxy.inject("503", "reset")
+    assert store.get("chunks/a") == data
+    assert proxy.injected == ["503", "reset"] and proxy.requests == 4
+    lean, boto = _both_ways(store, "chunks/missing")
+    assert lean == boto and lean[0] == "ObjectNotFound", (lean, boto)
+    bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    other = S3Store(s3url.parse(f"s3://{bucket}/p?endpoint_url={proxy.endpoint}&path_style=true"), attempts=1)
+    try:
+        lean, boto = _both_ways(other, "chunks/a")
+        assert lean == boto and "does not exist" in lean[1], (lean, boto)
+    finally:
+        other.close()
+
+
+def test_reads_keep_their_connection_and_replace_one_the_server_closed(tmp_path, monkeypatch):
+    """Keep-alive GETs (nginx keeps connections): one connection per thread, and a kept connection the server has
+    dropped meanwhile (its idle timeout) is replaced without an error or a retry."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "bucket" / "p" / "chunks").mkdir(parents=True)
+    (tmp_path / "bucket" / "p" / "chunks" / "b").write_bytes(b"b" * 1000)
+    nginx = start_nginx(tmp_path, workers=1)
+    store = S3Store(s3url.parse(f"s3://bucket/p?endpoint_url=http://127.0.0.1:{nginx.port}&path_style=true"), attempts=1)
+    try:
+        assert store.get("chunks/b") == b"b" * 1000
+        conn = store._getter._local.conn
+        assert store.get("chunks/b") == b"b" * 1000 and store._getter._local.conn is conn  # kept alive
+        conn.sock.shutdown(socket.SHUT_RDWR)  # the connection is gone under the getter
+        assert store.get("chunks/b") == b"b" * 1000
+        assert store._getter._local.conn is not conn
+    finally:
+        store.close()
+        nginx.stop()
+
+
+def test_a_proxied_endpoint_keeps_botocore_reads(proxied_store, monkeypatch):
+    """http.client does not speak to HTTP proxies: where one applies to the endpoint, reads stay on botocore."""
+    store = proxied_store[0]
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "")
+    assert PresignedGetter(store.client, store.bucket, 1.0).usable is False
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert PresignedGetter(store.client, store.bucket, 1.0).usable is True
