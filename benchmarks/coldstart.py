@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def no_run_args(name: str) -> list[str]:
 # extra `ctr run` arguments for a container named `name` (seedscale: the gp3 disk's throttled cgroup)
 run_args: Callable[[str], list[str]] = no_run_args
 WARM: list[Path] = []  # the emulated remote servers' directories: kept in the page cache across runs
+PROFILE_DIR: Path | None = None  # if set, py-spy samples the FUSE daemon over each pull + first run into this folder
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -83,6 +85,7 @@ class Sample:
     store_bytes: int
     fused_cpu: float = 0.0  # the FUSE daemon's CPU seconds over pull + first run
     requests: dict[str, int] = field(default_factory=dict)  # FUSE requests by opcode over pull + first run
+    prefetch_s: float = 0.0  # how long the startup profile's prefetch took (0: none ran)
 
     @property
     def total(self) -> float:
@@ -119,7 +122,12 @@ def measure_overlayfs(ref: str, command: list[str], workdir: Path, registry_prox
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return cpu_seconds_of(Path(f"/proc/{pid}/stat"))
+
+
+def cpu_seconds_of(stat: Path) -> float:
+    """User + system CPU seconds from a /proc stat file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -169,6 +177,7 @@ def measure_liftoff(
         drop_caches(WARM)
         registry_before, store_before = registry_proxy.stats.bytes_down, store_proxy.stats.bytes_down
         cpu_before = cpu_seconds(fused.process.pid)
+        sampler = _sample_daemon(fused.process.pid, workdir.name)
         started = time.monotonic()
         if client:
             with client:
@@ -184,14 +193,52 @@ def measure_liftoff(
 
         run = ctr_run("bench-cold")
         fused_cpu = cpu_seconds(fused.process.pid) - cpu_before
+        if sampler:
+            sampler.stop()
         registry_bytes = registry_proxy.stats.bytes_down - registry_before
         store_bytes = store_proxy.stats.bytes_down - store_before
         requests: dict[str, int] = {}
-        for view in FusedClient(workdir / "root" / "remote" / "fused.sock").status().views:
+        status = FusedClient(workdir / "root" / "remote" / "fused.sock").status()
+        for view in status.views:
             for name, count in view.requests.items():
                 requests[name] = requests.get(name, 0) + count
         warm = ctr_run("bench-warm")
-        return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests)
+        return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests, status.prefetch.profile_seconds)
+
+
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each of a process's threads, by thread id."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found[int(task.name)] = cpu_seconds_of(task / "stat")
+    return found
+
+
+class DaemonSampler:
+    """py-spy sampling the daemon's Python stacks (`--gil`: the thread holding the GIL) into PROFILE_DIR/<name>.txt
+    (collapsed stacks; thread ids in the frames), and each thread's CPU seconds into <name>-threads.json."""
+
+    def __init__(self, pid: int, name: str) -> None:
+        assert PROFILE_DIR is not None
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+        self.pid, self.out = pid, PROFILE_DIR / name
+        py_spy = Path(sys.executable).with_name("py-spy")
+        argv = [str(py_spy), "record", "--pid", str(pid), "--rate", "250", "--gil", "--threads", "--format", "raw"]
+        self.process = subprocess.Popen([*argv, "-o", f"{self.out}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # py-spy attaches
+        self.before = _thread_cpu(pid)
+
+    def stop(self) -> None:
+        after = _thread_cpu(self.pid)
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(60)
+        spent = {tid: round(cpu - self.before.get(tid, 0.0), 3) for tid, cpu in after.items()}
+        Path(f"{self.out}-threads.json").write_text(json.dumps(spent))
+
+
+def _sample_daemon(pid: int, name: str) -> DaemonSampler | None:
+    return DaemonSampler(pid, name) if PROFILE_DIR is not None else None
 
 
 def prepare(layout: Path, images: list[str], registry, root: Path) -> dict[str, dict]:

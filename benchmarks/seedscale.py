@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cold start at the seeds' scale: the vLLM image on an emulated gp3 node, overlayfs against liftoff.
 
-    scripts/bench seedscale [--runs 3] [--keys a,b,c,e] [--no-gp3] [--out JSON] [--plot PNG]
+    scripts/bench seedscale [--runs 3] [--keys a,b,c,e] [--no-gp3] [--out JSON] [--plot PNG] [--reuse] [--sample-daemon DIR]
 
 The image (benchmarks/build_images.py --vllm, cached under /var/tmp): Debian bookworm minbase + python3 + a
 venv with vllm 0.33.0 and its CUDA wheels, ~4.6 GB gzip, ~10 GB, ~110k files, 3 layers; the command is
@@ -20,7 +20,9 @@ fresh containerd and liftoff state each time. Contenders:
   warm: the same run again right after each first run
 
 Printed: medians (min-max) of pull, first run, pull + first run and warm run; bytes fetched; the FUSE daemon's
-CPU seconds and requests by opcode over pull + first run; the issue's ratios. JSON (--out) and a timeline (--plot).
+CPU seconds and requests by opcode over pull + first run; the profile prefetch's duration; the issue's ratios
+(when (a) ran). JSON (--out) and a timeline (--plot). `--reuse` keeps the pushed and converted image of the
+previous invocation (same --layout and --tag); `--sample-daemon DIR` records the daemon's Python stacks with py-spy.
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def print_table(results: Results, compressed: int, info: dict, setting: str) -> 
     )
     headers = ["", "pull s", "first run s", "pull+run s", "warm run s", "fetched (of compressed)", "fused CPU s", "FUSE requests"]
     print(table(headers, rows))
-    a = results.samples["a"]
+    a = results.samples.get("a")
+    if not a:
+        return []
     warm_a = statistics.median(s.warm for s in a)
     lines = []
     for key in ("b", "c", "e", "p"):
@@ -102,7 +106,7 @@ def main() -> None:
     global IMAGE, COMMAND
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--keys", default="a,b,c,e", help="which of (a), (b), (c), (e), (p) to run ((a) always runs)")
+    parser.add_argument("--keys", default="a,b,c,e", help="which of (a), (b), (c), (e), (p) to run (ratios need (a))")
     parser.add_argument("--unshaped", action="store_true", help="no shaping proxy delays (the remote at loopback speed)")
     parser.add_argument("--no-gp3", action="store_true", help="the node disk unthrottled (the same loop device, no blkio limits)")
     parser.add_argument("--disk-gb", type=int, default=48, help="the emulated node disk's size")
@@ -110,13 +114,20 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="the timeline picture (PNG; default: --out with .png)")
     parser.add_argument("--layout", type=Path, default=VLLM_DIR, help="the image's OCI layout (built if missing)")
     parser.add_argument("--tag", default=IMAGE, help="the image's tag in --layout (torch, python: coldstart's images)")
+    parser.add_argument("--reuse", action="store_true", help="keep the previous invocation's pushed and converted image")
+    parser.add_argument("--sample-daemon", type=Path, help="py-spy stacks of the FUSE daemon per run into this folder")
     args = parser.parse_args()
+    coldstart.PROFILE_DIR = args.sample_daemon
     if args.tag != IMAGE:
         IMAGE, COMMAND = args.tag, coldstart.COMMANDS[args.tag]
-    keys = [k for k in LABELS if k in set(args.keys.split(",")) | {"a"}]
+    keys = [k for k in LABELS if k in set(args.keys.split(","))]
     layout = ensure_vllm_image(args.layout) if args.tag == "vllm" else args.layout
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
+    prepared = WORK / "prepared.json"
+    identity = {"layout": str(layout.resolve()), "tag": IMAGE}
+    reuse = args.reuse and prepared.exists() and json.loads(prepared.read_text()).get("identity") == identity
+    if not reuse:
+        shutil.rmtree(WORK, ignore_errors=True)
+        WORK.mkdir(parents=True)
     os.environ.update(AWS)
     registry = start_registry(WORK / "registry")
     store_root = WORK / "store"
@@ -125,8 +136,12 @@ def main() -> None:
     setting = "unshaped" if args.unshaped else "shaped 20 ms + 100 MB/s per connection + 1.25 GB/s"
     report: dict = {"date": date.today().isoformat(), "machine": machine(), "runs": args.runs, "results": {}}
     try:
-        info = prepare(layout, registry, store_root)
-        print(f"prepared: {json.dumps(info)}", flush=True)
+        if reuse:
+            info = json.loads(prepared.read_text())["info"]
+        else:
+            info = prepare(layout, registry, store_root)
+            prepared.write_text(json.dumps({"identity": identity, "info": info}))
+        print(f"prepared{' (reused)' if reuse else ''}: {json.dumps(info)}", flush=True)
         report["prepare"] = info
         disk = Gp3Disk(WORK / "gp3", size_gb=args.disk_gb, throttle=not args.no_gp3)
         with (
@@ -158,8 +173,8 @@ def main() -> None:
                     print(
                         f"run {run} {LABELS[key]}: pull {sample.pull:.2f} s, first run {sample.run:.2f} s, warm "
                         f"{sample.warm:.2f} s, fetched {(sample.registry_bytes + sample.store_bytes) / 1e6:.0f} MB, "
-                        f"fused CPU {sample.fused_cpu:.2f} s ({time.monotonic() - started:.0f} s with set-up; "
-                        f"load {load_average():.1f})",
+                        f"fused CPU {sample.fused_cpu:.2f} s, prefetch {sample.prefetch_s:.1f} s "
+                        f"({time.monotonic() - started:.0f} s with set-up; load {load_average():.1f})",
                         flush=True,
                     )
                     shutil.rmtree(base, ignore_errors=True)
