@@ -197,6 +197,7 @@ def _load_and_check(paths: list[Path], info: dict) -> int:
     for path in paths:
         state.update(load_file(str(path)))
     nbytes = weights._check(state, info)  # every page touched, count/bytes/probes checked
+    weights.RESULTS.clear()  # the disk workflows load twice: the first result goes before the second load
     del state
     return nbytes
 

@@ -19,30 +19,58 @@ _libc = ctypes.CDLL(None, use_errno=True)  # a ctypes call releases the GIL (mma
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
+def _madvise_at(address: int, length: int, advice: int) -> bool:
+    """madvise() over [address, address + length) with the GIL released; False if the kernel refused it."""
+    return _libc.madvise(address, length, advice) == 0
+
+
 def _madvise(buffer: mmap.mmap, advice: int) -> bool:
     """madvise() over the whole mapping with the GIL released; False if the kernel refused the advice."""
     anchor = ctypes.c_char.from_buffer(buffer)
     try:
-        return _libc.madvise(ctypes.addressof(anchor), len(buffer), advice) == 0
+        return _madvise_at(ctypes.addressof(anchor), len(buffer), advice)
     finally:
         del anchor
 
 
-def allocate_host(nbytes: int) -> torch.Tensor:
-    """Uninitialized CPU bytes for one tensor. Large buffers are anonymous mappings backed by transparent huge
-    pages where the kernel allows (MADV_HUGEPAGE) and populated in one call (MADV_POPULATE_WRITE, else
-    MAP_POPULATE): first-touch faults taken by 16 receiving threads at once contend on the page tables (measured
-    here: 1.4 GB/s into fresh memory vs 6 GB/s into prefaulted), and 2 MiB pages populate 1.5-3x faster than
-    4 KiB ones (1.5-1.9 GB/s vs 2.4-4.5 GB/s on this machine; at 7 GB that is seconds of CPU).
+def map_host(nbytes: int) -> tuple[torch.Tensor, bool]:
+    """Uninitialized CPU bytes for one tensor, not yet populated where the kernel can populate parts later
+    (then the second value is True: call populate() on each part before writing it). Large buffers are anonymous
+    mappings advised MADV_HUGEPAGE (2 MiB pages populate 1.5-3x faster than 4 KiB ones here: 1.5-1.9 GB/s vs
+    2.4-4.5 GB/s); without MADV_POPULATE_WRITE (Linux < 5.14) the mapping is populated whole by MAP_POPULATE.
     The tensor owns the mapping: it is unmapped when the last view of it goes."""
     if nbytes < PREFAULT_MIN:
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8), False
     buffer = mmap.mmap(-1, nbytes, flags=_MAP_FLAGS)
     _madvise(buffer, _MADV_HUGEPAGE)  # refused where THP is off: 4 KiB pages then
-    if not _madvise(buffer, _MADV_POPULATE_WRITE):  # an older kernel: map again, populated by mmap itself
-        buffer.close()
-        buffer = mmap.mmap(-1, nbytes, flags=_MAP_FLAGS | getattr(mmap, "MAP_POPULATE", 0))
-    return torch.frombuffer(buffer, dtype=torch.uint8)
+    tensor = torch.frombuffer(buffer, dtype=torch.uint8)
+    if populate(tensor, 0, 1):  # the first page: also asks whether the kernel knows MADV_POPULATE_WRITE
+        return tensor, True
+    del tensor
+    buffer.close()
+    buffer = mmap.mmap(-1, nbytes, flags=_MAP_FLAGS | getattr(mmap, "MAP_POPULATE", 0))
+    return torch.frombuffer(buffer, dtype=torch.uint8), False
+
+
+def populate(buffer: torch.Tensor, start: int, end: int) -> bool:
+    """Fault in bytes [start, end) of a map_host() buffer in one call (MADV_POPULATE_WRITE, GIL released): first-touch
+    faults taken by 16 receiving threads at once contend on the page tables (measured here: 1.4 GB/s into fresh
+    memory vs 6 GB/s into prefaulted), while each thread populating its own range before reading into it spreads
+    the kernel's page clearing over the threads instead of one thread zeroing a whole tensor while the other ranges
+    of that tensor wait. False if the kernel refused (the writes then fault the pages in)."""
+    if end <= start:
+        return True
+    address = buffer.data_ptr() + start
+    aligned = address & ~(mmap.PAGESIZE - 1)
+    return _madvise_at(aligned, address + end - start - aligned, _MADV_POPULATE_WRITE)
+
+
+def allocate_host(nbytes: int) -> torch.Tensor:
+    """Uninitialized CPU bytes for one tensor, populated up front (map_host + populate of the whole buffer)."""
+    tensor, lazy = map_host(nbytes)
+    if lazy:
+        populate(tensor, 0, nbytes)
+    return tensor
 
 
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -59,13 +87,15 @@ def writable(buffer: torch.Tensor) -> memoryview:
 
 class HostSink:
     """Reserves each item's bytes in a ByteBudget when its first range is dispatched (main thread); the worker
-    that reads the range allocates the buffer (so page population runs beside the downloads, not in front)."""
+    that reads the item's first range maps the buffer, and every range's worker populates its own part of it
+    before reading into it (so page population runs beside the downloads, spread over the threads)."""
 
     def __init__(self, budget: ByteBudget) -> None:
         self.budget = budget
         self._reserved: dict[int, threading.Lock] = {}
         self._counted: set[int] = set()
         self._views: dict[int, memoryview] = {}
+        self._lazy: set[int] = set()  # items whose mapping each range populates for itself
         self._local = threading.local()
 
     # -- main thread ---------------------------------------------------------------------------------
@@ -85,12 +115,24 @@ class HostSink:
 
     # -- worker thread -------------------------------------------------------------------------------
     def _view(self, item: Item) -> memoryview:
+        """The item's memory, mapped by the first range that needs it (mapping is cheap: population is per range)."""
         with self._reserved[item.index]:
             view = self._views.get(item.index)
             if view is None:
-                item.buffer = byte_view(item.dest) if item.dest is not None else allocate_host(item.nbytes)
+                if item.dest is not None:
+                    item.buffer = byte_view(item.dest)
+                else:
+                    item.buffer, lazy = map_host(item.nbytes)
+                    if lazy:
+                        self._lazy.add(item.index)
                 view = self._views[item.index] = writable(item.buffer)
             return view
+
+    def _target(self, item: Item, start: int, length: int) -> memoryview:
+        view = self._view(item)
+        if item.index in self._lazy:
+            populate(item.buffer, start, start + length)  # this range's pages only, in this thread
+        return view[start : start + length]
 
     def _scratch(self, length: int) -> memoryview:
         scratch = getattr(self._local, "scratch", None)
@@ -101,7 +143,7 @@ class HostSink:
     def prepare(self, task: RangeTask) -> None:
         """Allocate (first range of an item) and point the range's targets at the items' memory."""
         task.targets = [
-            self._scratch(p.length) if p.item is None else self._view(p.item)[p.dest : p.dest + p.length] for p in task.pieces
+            self._scratch(p.length) if p.item is None else self._target(p.item, p.dest, p.length) for p in task.pieces
         ]
 
     # -- main thread, after the reads ------------------------------------------------------------------
@@ -130,8 +172,10 @@ class HostSink:
             self.budget.give(item.nbytes)
             self._counted.discard(item.index)
         self._views.pop(item.index, None)
+        self._lazy.discard(item.index)
         item.buffer = None  # the consumer owns the memory now
         return tensor
 
     def close(self) -> None:
         self._views.clear()
+        self._lazy.clear()

@@ -41,3 +41,29 @@ def test_small_buffer_is_plain_memory() -> None:
 def test_large_buffer_is_on_huge_pages() -> None:
     buffer = allocate_host(64 << 20)
     assert _mapping_kb(buffer.data_ptr(), "AnonHugePages") >= 32 << 10  # most of it on 2 MiB pages
+
+
+def test_sink_populates_only_the_ranges_it_reads() -> None:
+    """Each range's worker faults in its own part of a tensor's buffer, not the whole tensor in front of it (so
+    the other ranges of a large tensor do not wait on one thread clearing all of its pages)."""
+    from weightstream.format import TensorInfo
+    from weightstream.hostsink import HostSink
+    from weightstream.httpreader import ObjectRef
+    from weightstream.options import StreamOptions
+    from weightstream.plan import Item, item_pieces, plan_ranges
+    from weightstream.pool import ByteBudget
+
+    nbytes = 64 << 20
+    item = Item(0, "w", 0, TensorInfo("w", "U8", (nbytes,), 0, nbytes))
+    ranges = plan_ranges(0, ObjectRef("x", "x"), item_pieces(item, 1), StreamOptions(range_size=16 << 20))
+    sink = HostSink(ByteBudget(None))
+    sink.start(ranges[0])
+    sink.prepare(ranges[0])
+    assert item.buffer is not None and item.buffer.numel() == nbytes
+    resident = _mapping_kb(item.buffer.data_ptr(), "Rss")
+    assert 16 << 10 <= resident <= 20 << 10, f"{resident} kB resident after one 16 MiB range of a 64 MiB tensor"
+    for task in ranges[1:]:
+        sink.start(task)
+        sink.prepare(task)
+    assert _mapping_kb(item.buffer.data_ptr(), "Rss") >= 64 << 10
+    sink.close()
