@@ -135,11 +135,20 @@ class Engine:
             self.hashes[file].check()  # a file without data bytes is complete already
 
     def _read(self, task: RangeTask) -> None:
-        """Worker thread: let the sink place the range (allocating on first touch), then read it."""
+        """Worker thread: let the sink place the range (mapping on first touch), then read it; the sink's
+        `before` hook (fault the pages in) runs piece by piece inside the read where the reader supports it."""
         if self.abort.is_set():
             raise Aborted()
         self.sink.prepare(task)
-        self.reader.read_into(task.ref, task.start, task.targets, self.abort)
+        before, task.before = task.before, None  # the hook holds the tensors' memory: not kept past the read
+        if before is None:
+            self.reader.read_into(task.ref, task.start, task.targets, self.abort)
+        elif getattr(self.reader, "calls_before", False):
+            self.reader.read_into(task.ref, task.start, task.targets, self.abort, before)
+        else:
+            for index, target in enumerate(task.targets):
+                before(index, 0, len(target))
+            self.reader.read_into(task.ref, task.start, task.targets, self.abort)
 
     def _deliver(self, item: Item) -> torch.Tensor:
         tensor = self.sink.take(item)

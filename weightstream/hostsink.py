@@ -87,8 +87,9 @@ def writable(buffer: torch.Tensor) -> memoryview:
 
 class HostSink:
     """Reserves each item's bytes in a ByteBudget when its first range is dispatched (main thread); the worker
-    that reads the item's first range maps the buffer, and every range's worker populates its own part of it
-    before reading into it (so page population runs beside the downloads, spread over the threads)."""
+    that reads the item's first range maps the buffer, and every range's worker populates its own part of it,
+    piece by piece just before reading into it (page population runs beside the downloads, spread over the
+    threads, and the freshly cleared pages are still in cache when the received bytes are copied into them)."""
 
     def __init__(self, budget: ByteBudget) -> None:
         self.budget = budget
@@ -128,12 +129,6 @@ class HostSink:
                 view = self._views[item.index] = writable(item.buffer)
             return view
 
-    def _target(self, item: Item, start: int, length: int) -> memoryview:
-        view = self._view(item)
-        if item.index in self._lazy:
-            populate(item.buffer, start, start + length)  # this range's pages only, in this thread
-        return view[start : start + length]
-
     def _scratch(self, length: int) -> memoryview:
         scratch = getattr(self._local, "scratch", None)
         if scratch is None or len(scratch) < length:
@@ -141,10 +136,21 @@ class HostSink:
         return memoryview(scratch)[:length]
 
     def prepare(self, task: RangeTask) -> None:
-        """Allocate (first range of an item) and point the range's targets at the items' memory."""
+        """Map (first range of an item) and point the range's targets at the items' memory. The pages of a mapped
+        buffer are faulted in by task.before, piece by piece just ahead of the bytes (this thread's part only, and
+        warm in cache when the copy out of the socket writes them)."""
         task.targets = [
-            self._scratch(p.length) if p.item is None else self._target(p.item, p.dest, p.length) for p in task.pieces
+            self._scratch(p.length) if p.item is None else self._view(p.item)[p.dest : p.dest + p.length] for p in task.pieces
         ]
+        spots = [(p.item.buffer, p.dest) if p.item is not None and p.item.index in self._lazy else None for p in task.pieces]
+        if any(spots):
+
+            def before(index: int, offset: int, length: int) -> None:
+                spot = spots[index]
+                if spot is not None:
+                    populate(spot[0], spot[1] + offset, spot[1] + offset + length)
+
+            task.before = before
 
     # -- main thread, after the reads ------------------------------------------------------------------
     def complete(self, task: RangeTask) -> None:

@@ -274,8 +274,19 @@ class HttpRangeReader:
 
         return self._run(obj, "reading the header", abort, attempt)  # type: ignore[return-value]
 
-    def read_into(self, obj: ObjectRef, start: int, targets: list[memoryview], abort: threading.Event = NEVER) -> None:
-        """Fill `targets` (in order) with the object's bytes from offset `start`."""
+    calls_before = True  # read_into calls `before` piece by piece (engine.Engine: else it is called up front)
+
+    def read_into(
+        self,
+        obj: ObjectRef,
+        start: int,
+        targets: list[memoryview],
+        abort: threading.Event = NEVER,
+        before: Callable[[int, int, int], None] | None = None,
+    ) -> None:
+        """Fill `targets` (in order) with the object's bytes from offset `start`; before(i, offset, length) runs
+        just before each piece of targets[i] is written (the host sink faults its pages in there, so the bytes
+        arrive in cache-warm memory)."""
         total = sum(len(t) for t in targets)
         if total == 0:
             return
@@ -292,7 +303,7 @@ class HttpRangeReader:
                         f"{obj.name}: asked for bytes {first}-{start + total - 1}, the object ends at byte {end}: "
                         "it is shorter than its header says, or changed during the load"
                     )
-            self._fill(key, response, targets, progress, total, abort)
+            self._fill(key, response, targets, progress, total, abort, before)
             if response.status == 200 or not response.isclosed():
                 self._drop(*key)  # a whole-object answer or an over-long body: the connection is not reusable
 
@@ -306,6 +317,7 @@ class HttpRangeReader:
         progress: list[int],
         total: int,
         abort: threading.Event,
+        before: Callable[[int, int, int], None] | None = None,
     ) -> None:
         """readinto the targets from progress[0] on, in PIECE-sized calls, advancing progress."""
         skip = progress[0]
@@ -315,7 +327,7 @@ class HttpRangeReader:
             self._drop(*key)
             raise _Retryable(f"Content-Length {length} for a {expected}-byte range")
         try:
-            for target in targets:
+            for index, target in enumerate(targets):
                 if skip >= len(target):
                     skip -= len(target)
                     continue
@@ -324,7 +336,10 @@ class HttpRangeReader:
                     if abort.is_set():
                         self._drop(*key)
                         raise Aborted()
-                    n = response.readinto(target[offset : offset + PIECE])
+                    piece = target[offset : offset + PIECE]
+                    if before is not None:
+                        before(index, offset, len(piece))
+                    n = response.readinto(piece)
                     if not n:
                         self._drop(*key)
                         raise _Retryable(f"body truncated after {progress[0]} of {total} bytes")

@@ -10,6 +10,7 @@ naming the item (or None: bytes to discard) and the offset in its buffer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,7 @@ class RangeTask:
     end: int
     pieces: list[Piece] = field(default_factory=list)
     targets: list[memoryview] = field(default_factory=list)  # set by the sink when dispatched
+    before: Callable[[int, int, int], None] | None = None  # set by the sink: (target, offset, length) about to be written
     slot: int | None = None  # CUDA: the ring slot the bytes land in
     event: object = None  # CUDA: recorded after the range's copies
 

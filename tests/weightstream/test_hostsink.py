@@ -43,9 +43,9 @@ def test_large_buffer_is_on_huge_pages() -> None:
     assert _mapping_kb(buffer.data_ptr(), "AnonHugePages") >= 32 << 10  # most of it on 2 MiB pages
 
 
-def test_sink_populates_only_the_ranges_it_reads() -> None:
-    """Each range's worker faults in its own part of a tensor's buffer, not the whole tensor in front of it (so
-    the other ranges of a large tensor do not wait on one thread clearing all of its pages)."""
+def test_sink_populates_each_piece_just_before_it_is_written() -> None:
+    """A range's worker faults in only the piece of a tensor's buffer it is about to receive (not the whole tensor
+    in front of it, so the other ranges of a large tensor do not wait on one thread clearing all of its pages)."""
     from weightstream.format import TensorInfo
     from weightstream.hostsink import HostSink
     from weightstream.httpreader import ObjectRef
@@ -60,10 +60,15 @@ def test_sink_populates_only_the_ranges_it_reads() -> None:
     sink.start(ranges[0])
     sink.prepare(ranges[0])
     assert item.buffer is not None and item.buffer.numel() == nbytes
+    assert _mapping_kb(item.buffer.data_ptr(), "Rss") <= 2 << 10, "mapping a tensor's buffer populated it"
+    assert ranges[0].before is not None
+    ranges[0].before(0, 4 << 20, 4 << 20)  # the second 4 MiB piece of the first range
     resident = _mapping_kb(item.buffer.data_ptr(), "Rss")
-    assert 16 << 10 <= resident <= 20 << 10, f"{resident} kB resident after one 16 MiB range of a 64 MiB tensor"
+    assert 4 << 10 <= resident <= 6 << 10, f"{resident} kB resident after one 4 MiB piece of a 64 MiB tensor"
     for task in ranges[1:]:
         sink.start(task)
         sink.prepare(task)
+        task.before(0, 0, len(task.targets[0]))
+    ranges[0].before(0, 0, 16 << 20)
     assert _mapping_kb(item.buffer.data_ptr(), "Rss") >= 64 << 10
     sink.close()
