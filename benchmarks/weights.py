@@ -251,14 +251,16 @@ def child_raw(endpoint: str, info: dict, layout: str, concurrency: int, range_si
 
 
 def child_raw_fresh(endpoint: str, info: dict, layout: str, concurrency: int, range_size: int, directory: Path) -> int:
-    """Like child_raw, but every range lands in new memory that is kept, allocated and populated exactly as
-    weightstream's host sink allocates a tensor (hostsink.allocate_host: THP-advised, MADV_POPULATE_WRITE with the
-    GIL released): the fastest a loader that must produce the checkpoint in fresh memory could be here."""
+    """Like child_raw, but every range lands in new memory that is kept, mapped and populated exactly as
+    weightstream's host sink does (hostsink.map_host: THP-advised; hostsink.populate: MADV_POPULATE_WRITE with the
+    GIL released, each piece just before its readinto, pieces of httpreader.PIECE): the fastest a loader that
+    must produce the checkpoint in fresh memory could be on this machine."""
     import http.client
     import threading
     from urllib.parse import urlsplit
 
-    from weightstream.hostsink import allocate_host, writable
+    from weightstream.hostsink import map_host, populate, writable
+    from weightstream.httpreader import PIECE
 
     store = directory / "store" / BUCKET
     work = []
@@ -276,13 +278,16 @@ def child_raw_fresh(endpoint: str, info: dict, layout: str, concurrency: int, ra
                 if not work:
                     break
                 key, start, end = work.pop(0)
-            buf = allocate_host(end - start)
+            buf, lazy = map_host(end - start)
             view = writable(buf)
             conn.request("GET", f"/{BUCKET}/{key}", headers={"Range": f"bytes={start}-{end - 1}"})
             response = conn.getresponse()
             got = 0
             while got < end - start:
-                n = response.readinto(view[got:])
+                piece = view[got : got + PIECE]
+                if lazy:
+                    populate(buf, got, got + len(piece))
+                n = response.readinto(piece)
                 if not n:
                     raise SystemExit(f"short read on {key}")
                 got += n
@@ -411,7 +416,7 @@ LABELS = {
     "liftoff": "(c) liftoff weightstream.load",
     "liftoff-stream": "(c) liftoff streaming (bounded memory)",
     "raw": "(d) raw parallel GETs (limit)",
-    "raw-fresh": "(d') raw GETs into fresh memory (as hostsink allocates)",
+    "raw-fresh": "(d') raw GETs into fresh memory (as hostsink populates it)",
 }
 
 
