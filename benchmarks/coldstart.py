@@ -86,6 +86,8 @@ class Sample:
     fused_cpu: float = 0.0  # the FUSE daemon's CPU seconds over pull + first run
     requests: dict[str, int] = field(default_factory=dict)  # FUSE requests by opcode over pull + first run
     prefetch_s: float = 0.0  # how long the startup profile's prefetch took (0: none ran)
+    run_output: float = 0.0  # first run: seconds until the container printed its line (run: until ctr returned)
+    warm_output: float = 0.0
 
     @property
     def total(self) -> float:
@@ -108,14 +110,10 @@ def measure_overlayfs(ref: str, command: list[str], workdir: Path, registry_prox
         started = time.monotonic()
         containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref, timeout=PULL_TIMEOUT)
         pull = time.monotonic() - started
-        started = time.monotonic()
-        containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", *run_args("bench-cold"), ref, "bench-cold", *command)
-        run = time.monotonic() - started
+        run_output, run = timed_run(containerd, "overlayfs", ref, "bench-cold", command)
         registry_bytes = registry_proxy.stats.bytes_down - before
-        started = time.monotonic()
-        containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", *run_args("bench-warm"), ref, "bench-warm", *command)
-        warm = time.monotonic() - started
-        return Sample(pull, run, warm, registry_bytes, 0)
+        warm_output, warm = timed_run(containerd, "overlayfs", ref, "bench-warm", command)
+        return Sample(pull, run, warm, registry_bytes, 0, run_output=run_output, warm_output=warm_output)
     finally:
         containerd.stop()
 
@@ -186,12 +184,7 @@ def measure_liftoff(
             liftoff("pull", ref, "--address", containerd.address, "--plain-http", "--snapshotter", "liftoff")
         pull = time.monotonic() - started
 
-        def ctr_run(name: str) -> float:
-            started = time.monotonic()
-            containerd.ctr("run", "--rm", "--snapshotter", "liftoff", *run_args(name), ref, name, *command, namespace=namespace)
-            return time.monotonic() - started
-
-        run = ctr_run("bench-cold")
+        run_output, run = timed_run(containerd, "liftoff", ref, "bench-cold", command, namespace)
         fused_cpu = cpu_seconds(fused.process.pid) - cpu_before
         if sampler:
             sampler.stop()
@@ -202,8 +195,24 @@ def measure_liftoff(
         for view in status.views:
             for name, count in view.requests.items():
                 requests[name] = requests.get(name, 0) + count
-        warm = ctr_run("bench-warm")
-        return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests, status.prefetch.profile_seconds)
+        warm_output, warm = timed_run(containerd, "liftoff", ref, "bench-warm", command, namespace)
+        prefetch_s = status.prefetch.profile_seconds
+        return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests, prefetch_s, run_output, warm_output)
+
+
+def timed_run(containerd, snapshotter: str, ref: str, name: str, command: list[str], namespace: str = "default"):
+    """`ctr run --rm` a container: (seconds until it printed its first line, seconds until ctr returned: the
+    container's exit and teardown included)."""
+    argv = ["ctr", "--address", containerd.address, "--namespace", namespace, "run", "--rm", "--snapshotter", snapshotter]
+    started = time.monotonic()
+    with subprocess.Popen([*argv, *run_args(name), ref, name, *command], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) as ctr:
+        assert ctr.stdout is not None
+        ctr.stdout.readline()
+        output = time.monotonic() - started
+        ctr.stdout.read()
+        if ctr.wait(300) != 0:
+            raise RuntimeError(f"ctr run {name} failed ({ctr.returncode})")
+    return output, time.monotonic() - started
 
 
 def _thread_cpu(pid: int) -> dict[int, float]:
@@ -345,7 +354,18 @@ def print_table(setting: str, name: str, results: Results, compressed: int, info
     )
     print(
         table(
-            ["", "pull s", "run s", "pull+run s", "warm run s", "fetched (of compressed)", "fused CPU s", "FUSE requests"],
+            [
+                "",
+                "pull s",
+                "run: output s",
+                "run: exit s",
+                "pull+run s",
+                "warm: output s",
+                "warm: exit s",
+                "fetched (of compressed)",
+                "fused CPU s",
+                "FUSE requests",
+            ],
             rows,
         )
     )
@@ -377,8 +397,10 @@ def sample_rows(results: Results, labels: dict[str, str], compressed: int) -> li
             [
                 label,
                 median_text([s.pull for s in samples]),
+                median_text([s.run_output for s in samples]),
                 median_text([s.run for s in samples]),
                 median_text([s.total for s in samples]),
+                median_text([s.warm_output for s in samples]),
                 median_text([s.warm for s in samples]),
                 f"{fetched / 1e6:.1f} MB ({fetched / compressed:.1%})",
                 median_text([s.fused_cpu for s in samples]) if key != "a" else "-",

@@ -80,23 +80,38 @@ def print_table(results: Results, compressed: int, info: dict, setting: str) -> 
         f"\n{IMAGE} image, {setting}: {compressed / 1e9:.2f} GB compressed (registry), "
         f"{info['stored_bytes'] / 1e9:.2f} GB in the store, {info['tar_bytes'] / 1e9:.2f} GB unpacked"
     )
-    headers = ["", "pull s", "first run s", "pull+run s", "warm run s", "fetched (of compressed)", "fused CPU s", "FUSE requests"]
+    headers = [
+        "",
+        "pull s",
+        "first run: output s",
+        "first run: exit s",
+        "pull+first run (exit) s",
+        "warm run: output s",
+        "warm run: exit s",
+        "fetched (of compressed)",
+        "fused CPU s",
+        "FUSE requests",
+    ]
     print(table(headers, rows))
     a = results.samples.get("a")
     if not a:
         return []
-    warm_a = statistics.median(s.warm for s in a)
+
+    def median(samples: list, field: str) -> float:
+        return statistics.median(getattr(s, field) for s in samples)
+
     lines = []
     for key in ("b", "c", "e", "p"):
         samples = results.samples.get(key)
         if not samples:
             continue
-        total = statistics.median(s.total for s in a) / statistics.median(s.total for s in samples)
-        first = statistics.median(s.run for s in samples) / warm_a
-        warm = statistics.median(s.warm for s in samples) / warm_a
+        total = median(a, "total") / median(samples, "total")
+        to_output = (median(a, "pull") + median(a, "run_output")) / (median(samples, "pull") + median(samples, "run_output"))
         lines.append(
-            f"{LABELS[key]}: pull+first run {total:.1f}x overlayfs; first run {first:.2f}x and warm run "
-            f"{warm:.2f}x the overlayfs warm run"
+            f"{LABELS[key]}: pull+first run {total:.1f}x overlayfs to the container's exit, {to_output:.1f}x to its "
+            f"output; first run {median(samples, 'run') / median(a, 'warm'):.2f}x the overlayfs warm run to exit, "
+            f"{median(samples, 'run_output') / median(a, 'warm_output'):.2f}x to output; warm run "
+            f"{median(samples, 'warm') / median(a, 'warm'):.2f}x"
         )
     print("\n".join(lines), flush=True)
     return lines
@@ -115,6 +130,7 @@ def main() -> None:
     parser.add_argument("--layout", type=Path, default=VLLM_DIR, help="the image's OCI layout (built if missing)")
     parser.add_argument("--tag", default=IMAGE, help="the image's tag in --layout (torch, python: coldstart's images)")
     parser.add_argument("--reuse", action="store_true", help="keep the previous invocation's pushed and converted image")
+    parser.add_argument("--keep-logs", action="store_true", help="copy each run's logs to WORK/logs")
     parser.add_argument("--sample-daemon", type=Path, help="py-spy stacks of the FUSE daemon per run into this folder")
     args = parser.parse_args()
     coldstart.PROFILE_DIR = args.sample_daemon
@@ -171,12 +187,18 @@ def main() -> None:
                         )
                     results.add(key, sample)
                     print(
-                        f"run {run} {LABELS[key]}: pull {sample.pull:.2f} s, first run {sample.run:.2f} s, warm "
+                        f"run {run} {LABELS[key]}: pull {sample.pull:.2f} s, first run {sample.run:.2f} s (output at "
+                        f"{sample.run_output:.2f} s), warm "
                         f"{sample.warm:.2f} s, fetched {(sample.registry_bytes + sample.store_bytes) / 1e6:.0f} MB, "
                         f"fused CPU {sample.fused_cpu:.2f} s, prefetch {sample.prefetch_s:.1f} s "
                         f"({time.monotonic() - started:.0f} s with set-up; load {load_average():.1f})",
                         flush=True,
                     )
+                    if args.keep_logs:
+                        for log in base.glob("**/*.log"):
+                            target = WORK / "logs" / base.name / log.relative_to(base)
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(log, target)
                     shutil.rmtree(base, ignore_errors=True)
             report["results"][f"{setting}/{IMAGE}"] = {k: [s.__dict__ for s in v] for k, v in results.samples.items()}
             report["ratios"] = print_table(results, layer_bytes(layout, IMAGE), info, setting)
