@@ -20,6 +20,8 @@ peak RSS is its own:
   (b) Run:ai Model Streamer at its defaults, and tuned (concurrency, chunk size, no memory limit)
   (c) liftoff: weightstream.load() (and weightstream streaming with bounded memory)
   (d) raw: N parallel plain ranged GETs into a discarded buffer (the limit)
+  (d') raw-fresh: the same GETs into new memory, mapped and populated as weightstream's host sink does (the limit
+       for a loader that must produce the checkpoint in new memory)
 
 With CUDA, it also measures the pinned host-to-device copy bandwidth and
 liftoff's host-to-device streaming rate from page-cached files.
