@@ -379,7 +379,7 @@ def test_snapshotter_and_daemon_killed_with_the_store_unreachable(node, images):
     for a defect in the shared FUSE connection, was the test's: a per-request trace of fused showed the
     stalled READ was of the reader's sixth file, read for the first time, not cached, sent to the fetch
     pool and answered when the store's backoff ended; its first pass had not finished when the faults
-    began. Half the runs hid it: a stall still open when the verdict was taken was not counted.)"""
+    began. Most runs hid it: a stall still open when the verdict was taken was not counted.)"""
     start_readers(node, images)
     since = now_ms()
     for _ in range(3):
