@@ -9,7 +9,8 @@ layer of its own each) read and checksum files in a loop, through read(2) or mma
 the pages after each file so that every pass asks the daemon again; one walks files never read
 before, from a store slowed by a relay, so fetches are in flight when the daemon is killed.
 Every line a reader prints is checked: no read error, no wrong byte, and the longest gap between
-two lines (the stall) stays under 2 s."""
+two lines, or since its last line for a reader still waiting (the stall), stays under 2 s. The two
+readers of cached files finish a first pass (which fetches their files) before any fault starts."""
 
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ class Reader:
     expected: dict[str, str]
     process: subprocess.Popen
     out: Path
+    container: str  # its container's id: unique, as runc's state directory is shared by every containerd here
 
     def lines(self) -> list[tuple[int, str, str]]:
         parsed = []
@@ -135,10 +137,11 @@ class Node:
     def start_reader(self, image: LayeredImage, name: str, mode: str, files: list[str], pause_ms: int = 20) -> Reader:
         out = self.workdir / f"reader-{name}.out"
         argv = ["ctr", "--address", self.stack.containerd.address, "run", "--rm", "--snapshotter", "liftoff"]
-        argv += [image.image.ref, name, "/bin/reader", mode, str(pause_ms), *files]
+        container = f"{name}-{self.workdir.name}-{os.getpid()}"
+        argv += [image.image.ref, container, "/bin/reader", mode, str(pause_ms), *files]
         with open(out, "wb") as sink:
             process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        reader = Reader(name, files, {p: _fnv(image.files[p]) for p in files}, process, out)
+        reader = Reader(name, files, {p: _fnv(image.files[p]) for p in files}, process, out, container)
         self.readers.append(reader)
         deadline = time.monotonic() + 60
         while not reader.lines():
@@ -150,21 +153,25 @@ class Node:
     def stop_readers(self) -> None:
         for reader in self.readers:
             subprocess.run(
-                ["ctr", "--address", self.stack.containerd.address, "task", "kill", "-s", "SIGKILL", reader.name],
+                ["ctr", "--address", self.stack.containerd.address, "task", "kill", "-s", "SIGKILL", reader.container],
                 capture_output=True,
             )
         for reader in self.readers:
             reader.process.wait(60)
 
     def verdict(self, since_ms: int = 0) -> dict:
-        """Lines, read errors, wrong checksums and the longest stall over all readers (after `since_ms`)."""
+        """Lines, read errors, wrong checksums and the longest stall over all readers (after `since_ms`,
+        up to now for a reader still running: one stuck since its last line has not finished stalling)."""
         total = errors = wrong = 0
         stall = 0
         problems = []
+        now = now_ms()
         for reader in self.readers:
             lines = [line for line in reader.lines() if line[0] >= since_ms]
             for (t0, _, _), (t1, _, _) in itertools.pairwise(lines):
                 stall = max(stall, t1 - t0)
+            if reader.process.poll() is None:  # a stall still going on counts too: to now, from its last line
+                stall = max(stall, now - (lines[-1][0] if lines else since_ms))
             for _t, path, result in lines:
                 total += 1
                 if result.startswith("ERR"):
@@ -227,10 +234,21 @@ def wait_for_holder(path: Path, holder: Service, timeout: float = 30.0) -> None:
 def start_readers(node: Node, images: list[LayeredImage]) -> None:
     """Three containers: cached reads (read), cached reads through mmap, and a walk of uncached files."""
     hot = [f"/data0/f{i:03d}" for i in range(6)]
-    node.start_reader(images[0], "hot-read", "read", hot)
-    node.start_reader(images[1], "mmap", "mmap", [f"/data1/f{i:03d}" for i in range(6)])
+    cached = [
+        node.start_reader(images[0], "hot-read", "read", hot),
+        node.start_reader(images[1], "mmap", "mmap", [f"/data1/f{i:03d}" for i in range(6)]),
+    ]
     node.start_reader(images[2], "cold", "read", sorted(images[2].files), pause_ms=0)
     node.start_reader(images[1], "cold-mmap", "mmap", [f"/data1/f{i:03d}" for i in range(6, UNCACHED_FILES)], pause_ms=0)
+    # The "cached" readers' first pass fetches their files through the slowed store (~0.3 s a file): only
+    # once it is over are their reads cached ones. Started before it was, a fault caught the mmap reader
+    # fetching its last file, which waited (rightly) for the store: the 4-7 s stall once taken for a defect.
+    deadline = time.monotonic() + 60
+    for reader in cached:
+        while {path for _, path, _ in reader.lines()} != set(reader.files):
+            assert reader.process.poll() is None, reader.out.read_text()
+            assert time.monotonic() < deadline, f"{reader.name} never read all its files"
+            time.sleep(0.05)
 
 
 def kill_and_restart(node: Node, times: int, pause: tuple[float, float] = (0.3, 0.8)) -> None:
@@ -356,6 +374,12 @@ def test_oom_killed_daemon(node, images):
 
 
 def test_snapshotter_and_daemon_killed_with_the_store_unreachable(node, images):
+    """Reads of cached files go on through the outage, through read(2) on a view of their own and through
+    mmap(2) on a view whose other reader waits on the store. (A 4-7 s stall of the mmap reader, once taken
+    for a defect in the shared FUSE connection, was the test's: a per-request trace of fused showed the
+    stalled READ was of the reader's sixth file, read for the first time, not cached, sent to the fetch
+    pool and answered when the store's backoff ended; its first pass had not finished when the faults
+    began. Most runs hid it: a stall still open when the verdict was taken was not counted.)"""
     start_readers(node, images)
     since = now_ms()
     for _ in range(3):
@@ -386,11 +410,8 @@ def test_snapshotter_and_daemon_killed_with_the_store_unreachable(node, images):
     )
     assert verdict["errors"] == 0 and verdict["wrong"] == 0, verdict
     assert cached["max_stall_ms"] < stall_bound_ms(node), cached
-    if mmapped["max_stall_ms"] >= stall_bound_ms(node):
-        # A known defect, not a timing flake: in 2 of 4 runs alone (old code too), the reader that mmaps cached
-        # files of the view another container reads UNCACHED files of waits 4-6 s, until the store answers again;
-        # the read() reader of a view of its own never does. Cause not found yet (see the closing note).
-        pytest.xfail(f"cached mmap reads sharing a view with reads waiting on the store stalled {mmapped['max_stall_ms']} ms")
+    # the mmap reader shares its view (one FUSE connection) with the cold-mmap reader, whose reads wait on the store
+    assert mmapped["max_stall_ms"] < stall_bound_ms(node), mmapped
 
 
 def test_inode_numbers_are_stable_and_checked(node, images):
@@ -444,7 +465,7 @@ def test_without_resend_a_read_in_flight_blocks(node, images):
     time.sleep(8.0)
     assert len(reader.lines()) == before, "the read the dead daemon had taken is never answered"
     assert hot.lines()[-1][0] > now_ms() - MAX_STALL_MS, "other reads go on"
-    pid = _task_pid(node, "stuck")
+    pid = _task_pid(node, reader.container)
     wchan = Path(f"/proc/{pid}/wchan").read_text()
     state = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     record("no resend: a read in flight at the kill", node, {"blocked_s": 8.0, "wchan": wchan, "state": state})
