@@ -141,6 +141,7 @@ def make_client(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         s3={"addressing_style": "path" if location.path_style else "auto"},
+        signature_version="s3v4",  # requests are SigV4 anyway; this makes presigned URLs SigV4 too (not legacy SigV2)
     )
     if unsigned_without_credentials and session.get_credentials() is None:
         config = config.merge(botocore.config.Config(signature_version=botocore.UNSIGNED))

@@ -15,7 +15,7 @@ import grpc
 
 from layerstore.errors import LiftoffError
 from layerstore.pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from layerstore.systemd import notify_systemd
+from layerstore.systemd import SIGNAL_POLL_SECONDS, notify_systemd
 from snapshotter.grpcsocket import start_unix_server
 from snapshotter.layout import Layout
 from snapshotter.metrics import Metrics, parse_address
@@ -95,7 +95,7 @@ def serve(
         server = build_server(store, socket_path, metrics)
         log.info("liftoff snapshotter serving %s on %s", store.layout.root, socket_path)
         notify_systemd("READY=1")
-        while not stop.wait(3600):
+        while not stop.wait(SIGNAL_POLL_SECONDS):
             pass
         notify_systemd("STOPPING=1")
         server.stop(GRACE_SECONDS).wait()

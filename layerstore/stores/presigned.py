@@ -1,13 +1,15 @@
 """Whole-object GETs through presigned URLs on keep-alive `http.client` connections, one per thread.
 
-botocore's get_object costs ~0.9 ms of Python per request; signing a URL with botocore and sending it with the
-standard library costs ~0.2 ms (benchmarks/RESULTS.md, "A lean GET for chunks"). A start of the vLLM image
-fetches thousands of chunks on two cores shared with the container it starts, so the chunk path uses this.
+botocore's get_object costs ~0.9 ms of CPU per request; signing a URL with botocore and sending it with the
+standard library costs ~0.25 ms (benchmarks/RESULTS.md, "Cold start at the seeds' scale, third session"). A start
+of the vLLM image fetches hundreds of chunks on two cores shared with the container it starts.
 
 Failures are raised as the botocore exceptions get_object would raise for them (a ClientError with S3's error
 code and HTTP status; connection, timeout and truncation errors), so `layerstore.s3url.call` retries and explains
 them exactly as it does for botocore's own calls. Where this path cannot stand in for botocore (a proxy applies to
-the endpoint, or botocore cannot sign), `PresignedGetter.usable` is False and the store keeps using get_object.
+the endpoint, botocore cannot sign, or S3 answers with a redirect or a 400, as it does for a bucket in another
+region than the client's, which botocore's get_object follows), `PresignedGetter.usable` is False or `UseBotocore`
+is raised, and the store uses get_object.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ EXPIRES = 900  # seconds a presigned URL stays valid; each is used at once, once
 _CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,512})</Message>")
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error answer read to find S3's error code
+BOTOCORE_STATUSES = frozenset({301, 302, 307, 308, 400})  # answers botocore's get_object handles (region redirects)
+
+
+class UseBotocore(Exception):
+    """The endpoint answered in a way only botocore's get_object follows: ask it instead."""
 
 
 class PresignedGetter:
@@ -79,7 +86,7 @@ class PresignedGetter:
                 self._drop()  # a kept-alive connection the server had closed: once more on a new one
                 conn, _ = self._connection(parts.scheme, parts.netloc)
                 return self._request(conn, target, key)
-        except bex.ClientError:
+        except (bex.ClientError, UseBotocore):
             raise
         except Exception as error:
             connected = conn.sock is not None
@@ -95,6 +102,8 @@ class PresignedGetter:
         body = response.read(ERROR_BODY_LIMIT)
         if not response.isclosed():  # an error answer too long to keep the connection for
             self._drop()
+        if response.status in BOTOCORE_STATUSES:
+            raise UseBotocore(f"HTTP {response.status}")
         raise _client_error(response.status, response.reason, body, key)
 
     def _connection(self, scheme: str, netloc: str) -> tuple[http.client.HTTPConnection, bool]:

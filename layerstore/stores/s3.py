@@ -11,7 +11,7 @@ from layerstore import s3url
 from layerstore.errors import ObjectNotFound, StoreError
 from layerstore.s3url import S3Location
 from layerstore.stores.base import Bytes, Store, parallel_sizes
-from layerstore.stores.presigned import PresignedGetter
+from layerstore.stores.presigned import PresignedGetter, UseBotocore
 
 T = TypeVar("T")
 
@@ -81,7 +81,10 @@ class S3Store(Store):
         if getter is None:
             getter = self._getter = PresignedGetter(self.client, self.bucket, self.read_timeout)
         if getter.usable:
-            return self._call("read", key, lambda: getter.get(self.prefix + key))
+            try:
+                return self._call("read", key, lambda: getter.get(self.prefix + key))
+            except UseBotocore:
+                getter.usable = False  # e.g. a bucket in another region: botocore follows S3's redirect
         return self._call("read", key, lambda: self.client.get_object(**self._key(key))["Body"].read())
 
     def put(self, key: str, data: Bytes) -> None:

@@ -18,7 +18,7 @@ from layerstore.errors import LiftoffError
 from layerstore.fetch import ChunkFetcher
 from layerstore.private import private_dir, restrict_file
 from layerstore.stores import Store
-from layerstore.systemd import notify_systemd
+from layerstore.systemd import SIGNAL_POLL_SECONDS, notify_systemd
 from snapshotter.fuse_passthrough import BackingFiles
 from snapshotter.fused import retention
 from snapshotter.fused.fdstore import FdStore, close_all
@@ -283,7 +283,7 @@ def run(
         daemon.views.resent,
     )
     notify_systemd("READY=1")
-    while not stop.wait(3600):
+    while not stop.wait(SIGNAL_POLL_SECONDS):
         pass
     notify_systemd("STOPPING=1")
     if daemon.handed_over:

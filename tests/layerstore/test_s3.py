@@ -3,9 +3,11 @@ fault-injecting proxy."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -213,3 +215,52 @@ def test_a_proxied_endpoint_keeps_botocore_reads(proxied_store, monkeypatch):
     assert PresignedGetter(store.client, store.bucket, 1.0).usable is False
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert PresignedGetter(store.client, store.bucket, 1.0).usable is True
+
+
+class _RegionRedirectingServer:
+    """Answers presigned GETs with S3's 301 PermanentRedirect (as S3 does when the URL names the wrong region) and
+    header-signed GETs with the object: only botocore's get_object (which follows such answers) gets the bytes."""
+
+    def __init__(self, body: bytes) -> None:
+        self.presigned = self.signed = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if "X-Amz-Signature=" in self.path:
+                    server.presigned += 1
+                    answer = b"<Error><Code>PermanentRedirect</Code><Message>use the bucket's region</Message></Error>"
+                    self.send_response(301)
+                else:
+                    server.signed += 1
+                    answer = body
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_an_answer_only_botocore_follows_sends_reads_back_to_botocore(monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    server = _RegionRedirectingServer(b"chunk bytes")
+    store = S3Store(s3url.parse(f"s3://bucket/p?endpoint_url={server.endpoint}&path_style=true"), attempts=1)
+    try:
+        assert store.get("chunks/a") == b"chunk bytes"
+        assert store.get("chunks/b") == b"chunk bytes"
+        assert store._getter.usable is False
+        assert (server.presigned, server.signed) == (1, 2)
+    finally:
+        store.close()
+        server.stop()
