@@ -1,7 +1,7 @@
 """Whole-object GETs through presigned URLs on keep-alive `http.client` connections, one per thread.
 
 botocore's get_object costs ~0.9 ms of CPU per request; signing a URL with botocore and sending it with the
-standard library costs ~0.25 ms (benchmarks/RESULTS.md, "Cold start at the seeds' scale, third session"). A start
+standard library costs ~0.37 ms (benchmarks/RESULTS.md, "Cold start at the seeds' scale, third session"). A start
 of the vLLM image fetches hundreds of chunks on two cores shared with the container it starts.
 
 Failures are raised as the botocore exceptions get_object would raise for them (a ClientError with S3's error
