@@ -78,3 +78,10 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     if check and done.returncode != 0:
         raise AssertionError(f"liftoff {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch) -> None:
+    """Dummy AWS credentials and region in the environment (servers on loopback that do not check them)."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)

@@ -100,11 +100,9 @@ def test_cache_cap_eviction_and_torn_files(tmp_path):
 
 
 @pytest.mark.parametrize("retry_seconds", [0.0, 2.0])
-def test_a_store_that_never_answers_fails_within_the_retry_budget(tmp_path, monkeypatch, retry_seconds):
+def test_a_store_that_never_answers_fails_within_the_retry_budget(tmp_path, aws_credentials, retry_seconds):
     """EIO comes after retry_seconds plus at most one request's timeout; each attempt is one request (botocore
     does not retry beneath the fetcher's own retries)."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
     server = SilentServer()
     store = open_store(f"s3://chunks/region-a?endpoint_url={server.endpoint}&path_style=true")
     request_timeout = 1.0

@@ -4,12 +4,15 @@ fault-injecting proxy."""
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -131,10 +134,8 @@ def test_persistent_errors_fail_after_the_attempts_with_one_line(proxied_store):
     assert "SlowDown" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_silent_endpoint_fails_after_a_few_stalls_not_every_attempt(monkeypatch):
+def test_a_silent_endpoint_fails_after_a_few_stalls_not_every_attempt(aws_credentials):
     """Each stall costs a whole read timeout: an S3Store gives up after STALL_ATTEMPTS of them, not `attempts`."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
     server = SilentServer()
     store = S3Store(s3url.parse(f"s3://chunks/p?endpoint_url={server.endpoint}&path_style=true"), read_timeout=0.5)
     try:
@@ -186,11 +187,9 @@ def test_reads_go_through_presigned_urls_and_fail_exactly_as_botocore_reads(prox
         other.close()
 
 
-def test_reads_keep_their_connection_and_replace_one_the_server_closed(tmp_path, monkeypatch):
+def test_reads_keep_their_connection_and_replace_one_the_server_closed(tmp_path, aws_credentials):
     """Keep-alive GETs (nginx keeps connections): one connection per thread, and a kept connection the server has
     dropped meanwhile (its idle timeout) is replaced without an error or a retry."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
     (tmp_path / "bucket" / "p" / "chunks").mkdir(parents=True)
     (tmp_path / "bucket" / "p" / "chunks" / "b").write_bytes(b"b" * 1000)
     nginx = start_nginx(tmp_path, workers=1)
@@ -251,9 +250,7 @@ class _RegionRedirectingServer:
         self.httpd.server_close()
 
 
-def test_an_answer_only_botocore_follows_sends_reads_back_to_botocore(monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "liftoff", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
+def test_an_answer_only_botocore_follows_sends_reads_back_to_botocore(aws_credentials):
     server = _RegionRedirectingServer(b"chunk bytes")
     store = S3Store(s3url.parse(f"s3://bucket/p?endpoint_url={server.endpoint}&path_style=true"), attempts=1)
     try:
@@ -261,6 +258,53 @@ def test_an_answer_only_botocore_follows_sends_reads_back_to_botocore(monkeypatc
         assert store.get("chunks/b") == b"chunk bytes"
         assert store._getter.usable is False
         assert (server.presigned, server.signed) == (1, 2)
+    finally:
+        store.close()
+        server.stop()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that nobody trusts, and its key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = serialization.Encoding.PEM
+    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_an_untrusted_certificate_fails_once_as_with_botocore(tmp_path, aws_credentials):
+    """TLS verification failures are not retried and read as botocore's SSLError, whichever path made the request."""
+    server = _RegionRedirectingServer(b"x")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*_self_signed(tmp_path))
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    endpoint = server.endpoint.replace("http://", "https://")
+    store = S3Store(s3url.parse(f"s3://bucket/p?endpoint_url={endpoint}&path_style=true"))
+    try:
+        lean, boto = _both_ways(store, "chunks/a")
+        assert lean[0] == boto[0] == "StoreError" and "SSLError" in lean[1] and "SSLError" in boto[1], (lean, boto)
+        assert server.presigned == server.signed == 0
     finally:
         store.close()
         server.stop()
