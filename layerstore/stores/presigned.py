@@ -137,6 +137,8 @@ class PresignedGetter:
 
     def _translate(self, error: Exception, connected: bool) -> Exception:
         """The botocore exception get_object raises for the same failure."""
+        if isinstance(error, ssl.SSLError):  # a certificate botocore would refuse too: not retried
+            return bex.SSLError(endpoint_url=self.endpoint, error=error)
         if isinstance(error, TimeoutError):
             kind = bex.ReadTimeoutError if connected else bex.ConnectTimeoutError
             return kind(endpoint_url=self.endpoint, error=error)
