@@ -88,6 +88,8 @@ class Sample:
     prefetch_s: float = 0.0  # how long the startup profile's prefetch took (0: none ran)
     run_output: float = 0.0  # first run: seconds until the container printed its line (run: until ctr returned)
     warm_output: float = 0.0
+    warm_requests: dict[str, int] = field(default_factory=dict)  # FUSE requests during the warm run
+    warm_fused_cpu: float = 0.0  # the FUSE daemon's CPU seconds during the warm run
 
     @property
     def total(self) -> float:
@@ -190,14 +192,38 @@ def measure_liftoff(
             sampler.stop()
         registry_bytes = registry_proxy.stats.bytes_down - registry_before
         store_bytes = store_proxy.stats.bytes_down - store_before
-        requests: dict[str, int] = {}
-        status = FusedClient(workdir / "root" / "remote" / "fused.sock").status()
-        for view in status.views:
-            for name, count in view.requests.items():
-                requests[name] = requests.get(name, 0) + count
+        fused_client = FusedClient(workdir / "root" / "remote" / "fused.sock")
+        status = fused_client.status()
+        requests = _view_requests(status)
+        cpu_before = cpu_seconds(fused.process.pid)
         warm_output, warm = timed_run(containerd, "liftoff", ref, "bench-warm", command, namespace)
+        warm_fused_cpu = cpu_seconds(fused.process.pid) - cpu_before
+        after = _view_requests(fused_client.status())
+        warm_requests = {name: count - requests.get(name, 0) for name, count in after.items() if count > requests.get(name, 0)}
         prefetch_s = status.prefetch.profile_seconds
-        return Sample(pull, run, warm, registry_bytes, store_bytes, fused_cpu, requests, prefetch_s, run_output, warm_output)
+        return Sample(
+            pull,
+            run,
+            warm,
+            registry_bytes,
+            store_bytes,
+            fused_cpu,
+            requests,
+            prefetch_s,
+            run_output,
+            warm_output,
+            warm_requests,
+            warm_fused_cpu,
+        )
+
+
+def _view_requests(status) -> dict[str, int]:
+    """FUSE requests by opcode, summed over the daemon's views."""
+    requests: dict[str, int] = {}
+    for view in status.views:
+        for name, count in view.requests.items():
+            requests[name] = requests.get(name, 0) + count
+    return requests
 
 
 def timed_run(containerd, snapshotter: str, ref: str, name: str, command: list[str], namespace: str = "default"):

@@ -190,7 +190,8 @@ def main() -> None:
                         f"run {run} {LABELS[key]}: pull {sample.pull:.2f} s, first run {sample.run:.2f} s (output at "
                         f"{sample.run_output:.2f} s), warm "
                         f"{sample.warm:.2f} s, fetched {(sample.registry_bytes + sample.store_bytes) / 1e6:.0f} MB, "
-                        f"fused CPU {sample.fused_cpu:.2f} s, prefetch {sample.prefetch_s:.1f} s "
+                        f"fused CPU {sample.fused_cpu:.2f} s, prefetch {sample.prefetch_s:.1f} s, "
+                        f"warm run: fused CPU {sample.warm_fused_cpu:.2f} s, FUSE requests {_brief(sample.warm_requests)} "
                         f"({time.monotonic() - started:.0f} s with set-up; load {load_average():.1f})",
                         flush=True,
                     )
@@ -206,6 +207,11 @@ def main() -> None:
         nginx.stop()
         registry.stop()
     coldstart.write_report(report, args.out, args.plot)
+
+
+def _brief(requests: dict[str, int]) -> str:
+    """Requests by opcode, most frequent first ("none" if there were none)."""
+    return " ".join(f"{n}={c}" for n, c in sorted(requests.items(), key=lambda item: -item[1])) or "none"
 
 
 if __name__ == "__main__":
