@@ -15,7 +15,10 @@ python3-venv, + a venv with `pip install vllm==0.33.0` (torch 2.14 with its CUDA
 ~10 GB, ~110k files), 3 layers. Its wheels are downloaded once on the host into /var/tmp/liftoff-wheels/vllm
 (`pip download --only-binary=:all:`, the host's Python is the image's: CPython 3.11 on glibc 2.36) and
 installed in the chroot with `--no-index --find-links`.
-Layers are made with umoci (unpack, change the rootfs, repack: one layer per step).
+Layers are made with umoci (unpack, change the rootfs, repack: one layer per step). Before each repack the new
+files' mtimes are truncated to whole seconds, as Docker's and containerd's tar writers do: umoci's (Go's archive/tar
+with no format chosen) rounds them instead, and a source file rounded up no longer matches the mtime its .pyc
+records (about half of what pip compiled), so every run would compile those modules again.
 Needs root, debootstrap, umoci, and the Debian mirror configured for apt on this machine.
 """
 
@@ -56,6 +59,24 @@ def debian_mirror() -> str:
             if match:
                 return match.group(1)
     raise SystemExit("no Debian mirror found in /etc/apt/sources.list*")
+
+
+def truncate_mtimes(rootfs: Path) -> None:
+    """Truncate sub-second mtimes under `rootfs` to whole seconds (see the module docstring); files unpacked from
+    a layer already have whole seconds, so only this step's files change."""
+    for directory, dirs, files in os.walk(rootfs):
+        for name in (*dirs, *files, ""):
+            path = os.path.join(directory, name) if name else directory
+            st = os.lstat(path)
+            extra = st.st_mtime_ns % 1_000_000_000
+            if extra:
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - extra), follow_symlinks=False)
+
+
+def repack(image: str, bundle: Path) -> None:
+    """A new layer from what changed in the bundle's rootfs, with mtimes as Docker would store them."""
+    truncate_mtimes(bundle / "rootfs")
+    run("umoci", "repack", "--refresh-bundle", "--image", image, str(bundle))
 
 
 class Chroot:
@@ -140,21 +161,21 @@ def build(out: Path) -> None:
         rootfs = bundle / "rootfs"
         run("debootstrap", "--variant=minbase", SUITE, str(rootfs), debian_mirror())
         clean_apt(rootfs)
-        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:torch", str(bundle))
+        repack(f"{layout}:torch", bundle)
         with Chroot(rootfs) as chroot:
             chroot("apt-get", "update", "-qq")
             chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", "python3", "python3-venv")
         clean_apt(rootfs)
-        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:torch", str(bundle))
+        repack(f"{layout}:torch", bundle)
         run("umoci", "tag", "--image", f"{layout}:torch", "python")
         with Chroot(rootfs, wheels) as chroot:
             chroot("python3", "-m", "venv", "/opt/venv")
             numpy_wheel = "/tmp/wheels/" + next(p.name for p in wheels.glob("numpy-*.whl"))
             chroot("/opt/venv/bin/pip", "install", "-q", "--no-index", "--no-compile", numpy_wheel)
-        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:torch", str(bundle))
+        repack(f"{layout}:torch", bundle)
         with Chroot(rootfs, wheels) as chroot:
             chroot("/opt/venv/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wheels", "torch==2.13.0")
-        run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:torch", str(bundle))
+        repack(f"{layout}:torch", bundle)
         env = ["--config.env", "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
         for tag in ("python", "torch"):
             run("umoci", "config", "--image", f"{layout}:{tag}", *env, "--config.cmd", "python3")
@@ -183,18 +204,18 @@ def build_vllm(out: Path, wheels: Path = VLLM_WHEELS) -> None:
         rootfs = bundle / "rootfs"
         run("debootstrap", "--variant=minbase", SUITE, str(rootfs), debian_mirror())
         clean_apt(rootfs)
-        run("umoci", "repack", "--refresh-bundle", "--image", image, str(bundle))
+        repack(image, bundle)
         with Chroot(rootfs) as chroot:
             chroot("apt-get", "update", "-qq")
             chroot("apt-get", "install", "-y", "-qq", "--no-install-recommends", "python3", "python3-venv")
         clean_apt(rootfs)
-        run("umoci", "repack", "--refresh-bundle", "--image", image, str(bundle))
+        repack(image, bundle)
         with Chroot(rootfs, wheels) as chroot:
             chroot("python3", "-m", "venv", "/opt/venv")
             chroot("/opt/venv/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wheels", VLLM_REQUIREMENT)
             for cache in (rootfs / "root/.cache").glob("*"):
                 shutil.rmtree(cache, ignore_errors=True)
-        run("umoci", "repack", "--refresh-bundle", "--image", image, str(bundle))
+        repack(image, bundle)
         env = ["--config.env", "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
         run("umoci", "config", "--image", image, *env, "--config.cmd", "python3")
         run("umoci", "gc", "--layout", str(layout))
