@@ -481,6 +481,19 @@ def _task_pid(node: Node, name: str) -> int:
     raise AssertionError(out)
 
 
+# Run as the service's first program: the stored descriptors (argv[1]) moved to 3, 4, ... and LISTEN_PID set,
+# then exec of the service (argv[2:]). A fresh interpreter with one thread; bash leaves out fds >= 10.
+_PLACE_FDS = """
+import os, sys
+for i, fd in enumerate(int(x) for x in sys.argv[1].split(",") if x):
+    if fd != 3 + i:
+        os.dup2(fd, 3 + i)
+        os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
 class SystemdStandIn:
     """What systemd does for a Type=notify service with FileDescriptorStoreMax= (sd_notify(3),
     systemd.service(5), sd_listen_fds(3)): a notify socket that takes FDSTORE=1/FDNAME= messages
@@ -522,27 +535,23 @@ class SystemdStandIn:
                     os.close(fd)
 
     def start(self, argv: list[str], workdir: Path) -> subprocess.Popen:
-        """Start the service as systemd does, passing what the store holds."""
+        """Start the service as systemd does, passing what the store holds. The descriptors are put in place
+        by a program of their own (_PLACE_FDS), not by a preexec_fn: Python code between fork and exec in this
+        multi-threaded process (gRPC's threads among them) once left a child that never reached exec."""
         self.ready.clear()
-        high = [os.dup(fd) for _, fd in self.fds]
+        stored = list(self.fds)  # the receiver thread may add to it meanwhile
+        high = [os.dup(fd) for _, fd in stored]  # each >= 3 + its index: moving one never overwrites the next
         count = len(high)
-
-        def place() -> None:
-            for i, fd in enumerate(high):
-                os.dup2(fd, 3 + i)
-
         env = {**os.environ, "NOTIFY_SOCKET": str(self.path), "FDSTORE": "4096", "LISTEN_FDS": str(count)}
-        env["LISTEN_FDNAMES"] = ":".join(name for name, _ in self.fds)
-        script = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+        env["LISTEN_FDNAMES"] = ":".join(name for name, _ in stored)
         with open(workdir / "fused.log", "ab") as log:
             process = subprocess.Popen(
-                ["sh", "-c", script, "sh", *argv],
+                [sys.executable, "-c", _PLACE_FDS, ",".join(map(str, high)), *argv],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                pass_fds=range(3, 3 + count),
-                preexec_fn=place,
+                pass_fds=high,
             )
         for fd in high:
             os.close(fd)
