@@ -22,6 +22,8 @@ COLDSTART_LABELS = {
     "d": "(d) (c), no passthrough",
     "e": "(e) (c) by CRI PullImage",
     "p": "(p) (c) + passthrough",
+    "r": "(r) (c), EROFS view",
+    "s": "(s) (e), EROFS view",
 }
 PHASES = (("pull", "pull", "#4c72b0"), ("run", "first run (until its output)", "#dd8452"))
 

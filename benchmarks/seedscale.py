@@ -17,6 +17,8 @@ fresh containerd and liftoff state each time. Contenders:
   (c) liftoff with the image's startup profile (recorded once beforehand)
   (e) (c) pulled the Kubernetes way: CRI PullImage, containerd's own unpacker, no `liftoff pull` process
   (p) (c) with `fused --passthrough` (optional key)
+  (r) (c) with `fused --erofs`: each view an EROFS image over a FUSE blob (optional key)
+  (s) (e) with `fused --erofs` (optional key)
   warm: the same run again right after each first run
 
 Printed: medians (min-max) of pull, first run, pull + first run and warm run; bytes fetched; the FUSE daemon's
@@ -53,8 +55,11 @@ LABELS = {
     "c": "(c) liftoff + profile",
     "e": "(e) (c) by CRI PullImage",
     "p": "(p) (c) + passthrough",
+    "r": "(r) (c), EROFS view",
+    "s": "(s) (e), EROFS view",
 }
-PREFIX = {"b": "plain", "c": "profiled", "e": "profiled", "p": "profiled"}
+PREFIX = {"b": "plain", "c": "profiled", "e": "profiled", "p": "profiled", "r": "profiled", "s": "profiled"}
+FUSED_ARGS = {"p": ["--passthrough"], "r": ["--erofs"], "s": ["--erofs"]}
 
 
 def prepare(layout: Path, registry, store_root: Path) -> dict:
@@ -101,7 +106,7 @@ def print_table(results: Results, compressed: int, info: dict, setting: str) -> 
         return statistics.median(getattr(s, field) for s in samples)
 
     lines = []
-    for key in ("b", "c", "e", "p"):
+    for key in ("b", "c", "e", "p", "r", "s"):
         samples = results.samples.get(key)
         if not samples:
             continue
@@ -121,7 +126,7 @@ def main() -> None:
     global IMAGE, COMMAND
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--keys", default="a,b,c,e", help="which of (a), (b), (c), (e), (p) to run (ratios need (a))")
+    parser.add_argument("--keys", default="a,b,c,e", help="which of (a), (b), (c), (e), (p), (r), (s) to run (ratios need (a))")
     parser.add_argument("--unshaped", action="store_true", help="no shaping proxy delays (the remote at loopback speed)")
     parser.add_argument("--no-gp3", action="store_true", help="the node disk unthrottled (the same loop device, no blkio limits)")
     parser.add_argument("--disk-gb", type=int, default=48, help="the emulated node disk's size")
@@ -181,9 +186,8 @@ def main() -> None:
                         sample = coldstart.measure_overlayfs(ref, COMMAND, base, registry_proxy)
                     else:
                         store = f"s3://{BUCKET}/{PREFIX[key]}?endpoint_url={endpoint}&path_style=true"
-                        fused_args = ["--passthrough"] if key == "p" else []
                         sample = coldstart.measure_liftoff(
-                            ref, COMMAND, base, store, registry_proxy, store_proxy, fused_args, cri=key == "e"
+                            ref, COMMAND, base, store, registry_proxy, store_proxy, FUSED_ARGS.get(key, []), cri=key in "es"
                         )
                     results.add(key, sample)
                     print(

@@ -110,6 +110,20 @@ def register(subparsers) -> None:
         help="serve every read through the daemon (the default; as on kernels before 6.9)",
     )
     f.add_argument(
+        "--erofs",
+        dest="erofs",
+        action="store_true",
+        default=False,
+        help="serve each view as an EROFS image (Linux 6.12+: file-backed EROFS) whose file bytes come from a FUSE "
+        "blob: the kernel answers lookups, attributes, listings and xattrs itself; older kernels fall back to FUSE views",
+    )
+    f.add_argument(
+        "--no-erofs",
+        dest="erofs",
+        action="store_false",
+        help="serve each view's whole tree through FUSE (the default)",
+    )
+    f.add_argument(
         "--metrics-address",
         metavar="ADDR",
         help="serve Prometheus metrics (/metrics) and a health check (/healthz: 200 once the views are restored and "
@@ -299,6 +313,7 @@ def run_fused(args: argparse.Namespace) -> int:
         takeover=args.takeover,
         resend=args.resend,
         passthrough=args.fuse_passthrough,
+        erofs=args.erofs,
         max_readahead=args.max_readahead,
         prefetch_threads=args.prefetch_threads,
         fill_rate=float(args.fill_rate),

@@ -21,6 +21,7 @@ ACCESS, INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS, STATX = 34, 36, 38, 42, 4
 
 # INIT flags
 ASYNC_READ = 1 << 0
+ASYNC_DIO = 1 << 15  # direct I/O of an asynchronous caller (EROFS reading its blob) is not waited for
 PARALLEL_DIROPS = 1 << 18
 DO_READDIRPLUS = 1 << 13
 READDIRPLUS_AUTO = 1 << 14

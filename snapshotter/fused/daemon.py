@@ -56,6 +56,7 @@ class FuseDaemon:
         fd_store: FdStore | None = None,
         resend: bool = True,
         passthrough: bool = False,
+        erofs: bool = False,
         lock_wait: float = 0.0,
         metrics: FusedMetrics | None = None,
     ) -> None:
@@ -84,7 +85,7 @@ class FuseDaemon:
         # whole local files for FUSE passthrough (offered at INIT where the kernel has it)
         self.backing = BackingFiles(self.root / "files", self.cache) if passthrough else None
         self.views = Views(
-            self.root, self.indexes, self.fetcher, self.fetch_pool, max_readahead, self.fd_store, resend, self.backing
+            self.root, self.indexes, self.fetcher, self.fetch_pool, max_readahead, self.fd_store, resend, self.backing, erofs
         )
         self.prefetcher = Prefetcher(self.fetcher, prefetch_threads, fill_rate, self.backing)
         self.recordings = Recordings(self.root / "traces", learn_seconds)

@@ -36,7 +36,7 @@ class Recordings:
         recorder = Recorder(mounted.view)
         with self._lock:
             self._recordings[mounted.id] = (mounted, recorder)
-            mounted.session.on_read = recorder.on_read
+            mounted.record_reads(recorder.on_read)
 
     def stop(self, view_id: str) -> dict:
         """Stop recording; returns the trace (profile.py)."""
@@ -45,8 +45,8 @@ class Recordings:
             if recording is None:
                 raise NotRecording(f"view {view_id} is not being recorded")
             mounted, recorder = recording
-            if mounted.session.on_read == recorder.on_read:
-                mounted.session.on_read = None
+            if mounted.on_read == recorder.on_read:
+                mounted.record_reads(None)
         return recorder.trace()
 
     def learn(self, mounted: MountedView) -> None:
@@ -54,12 +54,12 @@ class Recordings:
         if self.learn_seconds <= 0:
             return
         recorder = Recorder(mounted.view, self.learn_seconds)
-        mounted.session.on_read = recorder.on_read
+        mounted.record_reads(recorder.on_read)
 
         def save() -> None:
             time.sleep(self.learn_seconds)
-            if mounted.session.on_read == recorder.on_read:
-                mounted.session.on_read = None
+            if mounted.on_read == recorder.on_read:
+                mounted.record_reads(None)
             trace = recorder.trace()
             if not trace["chunks"]:
                 return

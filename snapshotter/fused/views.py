@@ -30,9 +30,11 @@ from pathlib import Path
 from layerstore.errors import LiftoffError
 from layerstore.fetch import ChunkFetcher
 from layerstore.private import private_dir, restrict_file, write_private
+from snapshotter.erofs_image import BlobLayout, ImageError, write_image
+from snapshotter.fuse_blob import BLOB_NAME, BlobView
 from snapshotter.fuse_control import view_id as make_view_id
 from snapshotter.fuse_passthrough import BackingFiles
-from snapshotter.fuse_server import FuseSession, lazy_unmount
+from snapshotter.fuse_server import MOUNT_FLAGS, FuseSession, OnRead, lazy_unmount, mount_erofs
 from snapshotter.fuse_tree import View
 from snapshotter.fused.fdstore import FdStore
 from snapshotter.fused.indexes import IndexDir
@@ -77,21 +79,43 @@ class Record:
     spec: ViewSpec
     init: dict | None = None  # what INIT negotiated (FuseSession.init_state)
     inodes: str = ""  # inode_digest of the view served
+    erofs: bool = False  # served as an EROFS image whose blob is the FUSE connection
 
 
 class MountedView:
-    """A view being served by its FuseSession."""
+    """A view being served by its FuseSession: the tree itself, or (`erofs`) the blob beneath the
+    view's EROFS image, mounted at `mountpoint` over the session's own mount."""
 
-    def __init__(self, spec: ViewSpec, view: View, mountpoint: Path, session: FuseSession, inodes: str = "") -> None:
+    def __init__(
+        self, spec: ViewSpec, view: View, mountpoint: Path, session: FuseSession, inodes: str = "", erofs: bool = False
+    ) -> None:
         self.spec = spec
         self.id = spec.view_id
         self.view = view
         self.mountpoint = mountpoint
         self.session = session
         self.inodes = inodes
+        self.erofs = erofs
+        self.on_read: OnRead | None = None
 
     def alive(self) -> bool:
         return self.session.alive()
+
+    def record_reads(self, on_read: OnRead | None) -> None:
+        """Report each read of the view's files as (file, offset, length); None stops it. Reads of an
+        EROFS view's blob are reported as the files they cover."""
+        self.on_read = on_read
+        if on_read is None or not self.erofs:
+            self.session.on_read = on_read
+            return
+        blob = self.session.view
+        assert isinstance(blob, BlobView)
+
+        def on_blob_read(_node, offset: int, length: int) -> None:
+            for file, start, size in blob.files_in(offset, length):
+                on_read(file, start, size)
+
+        self.session.on_read = on_blob_read
 
 
 def _is_stale(path: Path) -> bool:
@@ -116,6 +140,7 @@ class Views:
         fd_store: FdStore | None = None,
         resend: bool = True,
         backing: BackingFiles | None = None,
+        erofs: bool = False,
     ) -> None:
         self.indexes = indexes
         self.fetcher = fetcher
@@ -129,6 +154,8 @@ class Views:
         for path in self.records.iterdir():
             restrict_file(path)  # view records an older liftoff wrote world-readable
         self.mnt = private_dir(root / "mnt")
+        self.erofs = erofs  # new views as EROFS images over a FUSE blob (where the kernel mounts them)
+        self.images = private_dir(root / "erofs")
         self._views: dict[str, MountedView] = {}
         self._lock = threading.RLock()
 
@@ -146,7 +173,7 @@ class Views:
                         "resend": bool(init["resend"]),
                         "passthrough": bool(init.get("passthrough", False)),
                     }
-                yield Record(spec, init, str(doc.get("inodes", "")))
+                yield Record(spec, init, str(doc.get("inodes", "")), bool(doc.get("erofs", False)))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 yield path.stem, e
 
@@ -156,12 +183,13 @@ class Views:
         spec = record.spec
         with self._lock:
             mountpoint = self.mnt / spec.view_id
+            fuse_mountpoint = self._blob_dir(spec.view_id) if record.erofs else mountpoint
             why = None
             view = None
             if record.init is None or not record.inodes:
                 why = "its record has no INIT state (written by an older liftoff)"
-            elif str(mountpoint) not in _fuse_mounts():
-                why = f"nothing is mounted at {mountpoint} any more"
+            elif str(fuse_mountpoint) not in _fuse_mounts():
+                why = f"nothing is mounted at {fuse_mountpoint} any more"
             else:
                 view = self._build(spec)
                 digest = inode_digest(view)
@@ -173,12 +201,17 @@ class Views:
                 )
                 self._forget_fd(spec.view_id, fd)
                 return None
-            session = self._session(view, spec.view_id)
+            session = self._blob_session(view, spec.view_id) if record.erofs else self._session(view, spec.view_id)
             session.on_gone = self._gone
             assert record.init is not None
-            if session.attach(fd, mountpoint, record.init, self.resend):
+            if session.attach(fd, fuse_mountpoint, record.init, self.resend):
                 self.resent += 1
-            mounted = self._views[spec.view_id] = MountedView(spec, view, mountpoint, session, record.inodes)
+            mounted = self._views[spec.view_id] = MountedView(spec, view, mountpoint, session, record.inodes, record.erofs)
+            if record.erofs and str(mountpoint) not in _mounts(b"erofs"):
+                try:  # the blob's connection lived on, the image's mount did not: mount it again
+                    self._mount_image(spec.view_id, session.view)  # type: ignore[arg-type]
+                except (OSError, ImageError) as e:
+                    log.error("view %s: its EROFS image cannot be mounted again: %s", spec.view_id, e)
             try:
                 self.fd_store.put(spec.view_id, fd)  # a store that restarted meanwhile (or a handover) has it again
             except LiftoffError as e:
@@ -270,33 +303,80 @@ class Views:
             started = time.monotonic()
             view = self._build(spec)
             mountpoint = self.mnt / spec.view_id
-            if str(mountpoint) in _fuse_mounts() or _is_stale(mountpoint):
-                log.warning("clearing a stale mount at %s", mountpoint)
-                lazy_unmount(mountpoint)
+            self._clear_stale(mountpoint)
             mountpoint.mkdir(mode=0o700, exist_ok=True)
-            session = self._session(view, spec.view_id)
-            session.on_gone = self._gone
-            try:
-                session.mount(mountpoint)
-            except OSError as e:
-                raise LiftoffError(f"mounting view {spec.view_id} at {mountpoint} failed: {e}") from None
-            digest = inode_digest(view)
-            mounted = self._views[spec.view_id] = MountedView(spec, view, mountpoint, session, digest)
-            self._write_record(Record(spec, session.init_state(), digest))
+            mounted = self._mount_erofs(spec, view) if self.erofs else None
+            if mounted is None:
+                session = self._session(view, spec.view_id)
+                session.on_gone = self._gone
+                try:
+                    session.mount(mountpoint)
+                except OSError as e:
+                    raise LiftoffError(f"mounting view {spec.view_id} at {mountpoint} failed: {e}") from None
+                mounted = MountedView(spec, view, mountpoint, session, inode_digest(view))
+            session = mounted.session
+            self._views[spec.view_id] = mounted
+            self._write_record(Record(spec, session.init_state(), mounted.inodes, mounted.erofs))
             try:
                 self.fd_store.put(spec.view_id, session.fd)
             except LiftoffError as e:
                 log.warning("view %s: %s: it will not survive a restart of this daemon", spec.view_id, e)
             log.info(
-                "mounted view %s (%d layers, %d inodes) at %s in %.3f s",
+                "mounted view %s (%d layers, %d inodes%s) at %s in %.3f s",
                 spec.view_id,
                 len(spec.layers),
                 len(view.nodes) - 1,
+                ", EROFS" if mounted.erofs else "",
                 mountpoint,
                 time.monotonic() - started,
             )
             self._settle()
             return mounted, True
+
+    def _blob_dir(self, view_id: str) -> Path:
+        return self.mnt / f"{view_id}.blob"
+
+    def _blob_session(self, view: View, view_id: str) -> FuseSession:
+        """A session serving the view's blob (read with direct I/O by EROFS where the kernel can)."""
+        return FuseSession(BlobView(view, BlobLayout(view)), self.fetcher, view_id, self.fetch_pool)
+
+    def _clear_stale(self, path: Path) -> None:
+        if str(path) in _fuse_mounts() or str(path) in _mounts(b"erofs") or _is_stale(path):
+            log.warning("clearing a stale mount at %s", path)
+            lazy_unmount(path)
+
+    def _mount_erofs(self, spec: ViewSpec, view: View) -> MountedView | None:
+        """Mount the view as an EROFS image over its blob; None where the kernel cannot (the view is
+        then served by FUSE, and so is every later one: one log line says why)."""
+        blob_dir = self._blob_dir(spec.view_id)
+        self._clear_stale(blob_dir)
+        blob_dir.mkdir(mode=0o700, exist_ok=True)
+        session = self._blob_session(view, spec.view_id)
+        session.on_gone = self._gone
+        try:
+            session.mount(blob_dir)
+        except OSError as e:
+            raise LiftoffError(f"mounting the blob of view {spec.view_id} at {blob_dir} failed: {e}") from None
+        try:
+            self._mount_image(spec.view_id, session.view)  # type: ignore[arg-type]
+        except (OSError, ImageError) as e:
+            if isinstance(e, OSError):  # the kernel's answer: it holds for every view
+                self.erofs = False
+                log.error("view %s: no EROFS view (%s): this and later views are served by FUSE", spec.view_id, e)
+            else:
+                log.warning("view %s: no EROFS view (%s): it is served by FUSE", spec.view_id, e)
+            session.unmount()
+            blob_dir.rmdir()
+            (self.images / f"{spec.view_id}.img").unlink(missing_ok=True)
+            return None
+        return MountedView(spec, view, self.mnt / spec.view_id, session, inode_digest(view), erofs=True)
+
+    def _mount_image(self, view_id: str, blob: BlobView) -> None:
+        """Write the view's EROFS image and mount it (file-backed, Linux 6.12+) over its blob."""
+        image = self.images / f"{view_id}.img"
+        write_image(blob.view, blob.layout, image)
+        if not mount_erofs(image, self._blob_dir(view_id) / BLOB_NAME.decode(), self.mnt / view_id, MOUNT_FLAGS):
+            log.info("view %s: EROFS without direct I/O on this kernel: its blob is read through the page cache", view_id)
 
     def _write_record(self, record: Record) -> None:
         spec = record.spec
@@ -309,6 +389,7 @@ class Views:
             "layers_below": spec.layers_below,
             "init": record.init,
             "inodes": record.inodes,
+            "erofs": record.erofs,
         }
         write_private(tmp, json.dumps(doc).encode())
         os.rename(tmp, path)
@@ -326,12 +407,14 @@ class Views:
                 except LiftoffError as e:
                     log.warning("view %s: %s", view_id, e)
             mountpoint = mounted.mountpoint if mounted else self.mnt / view_id
-            if str(mountpoint) in _fuse_mounts() or _is_stale(mountpoint):
-                lazy_unmount(mountpoint)
-            try:
-                mountpoint.rmdir()
-            except OSError:
-                pass
+            for path in (mountpoint, self._blob_dir(view_id)):  # the view (FUSE or EROFS), then its blob
+                if str(path) in _fuse_mounts() or str(path) in _mounts(b"erofs") or _is_stale(path):
+                    lazy_unmount(path)
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+            (self.images / f"{view_id}.img").unlink(missing_ok=True)
         gc.unfreeze()  # a view's session and tree hold reference cycles: collectable again
         log.info("unmounted view %s", view_id)
 
@@ -339,10 +422,11 @@ class Views:
         """Unmount every view, keeping their records (the next start mounts them again)."""
         with self._lock:
             for mounted in self._views.values():
-                try:
-                    lazy_unmount(mounted.mountpoint)
-                except OSError as e:
-                    log.warning("unmounting %s: %s", mounted.mountpoint, e)
+                for path in (mounted.mountpoint, self._blob_dir(mounted.id)) if mounted.erofs else (mounted.mountpoint,):
+                    try:
+                        lazy_unmount(path)
+                    except OSError as e:
+                        log.warning("unmounting %s: %s", path, e)
                 try:
                     self.fd_store.remove(mounted.id)
                 except LiftoffError as e:
@@ -353,11 +437,16 @@ class Views:
 def _fuse_mounts() -> set[str]:
     """Mount points of liftoff's FUSE views in this mount namespace (from /proc: no stat of a view,
     which would wait for a daemon that is not serving it yet)."""
+    return _mounts(b"fuse.liftoff")
+
+
+def _mounts(fstype: bytes) -> set[str]:
+    """Mount points of file systems of one type in this mount namespace, from /proc/self/mountinfo."""
     out = set()
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
             sep = fields.index(b"-")
-            if fields[sep + 1] == b"fuse.liftoff":
+            if fields[sep + 1] == fstype:
                 out.add(fields[4].decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape"))
     return out

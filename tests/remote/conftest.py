@@ -168,13 +168,14 @@ def stack(tmp_path_factory, store_url) -> Stack:
     s.stop()
 
 
-@pytest.fixture(scope="module", params=["no-passthrough", "passthrough"])
+@pytest.fixture(scope="module", params=["no-passthrough", "passthrough", "erofs"])
 def data_path_stack(request, tmp_path_factory, store_url) -> Stack:
     """The module's stack (every read through the daemon: the default, and the path of kernels before 6.9),
-    then one whose daemon runs with --passthrough (FUSE passthrough of whole local files, 6.9+)."""
+    then one whose daemon runs with --passthrough (FUSE passthrough of whole local files, 6.9+), then one
+    with --erofs (views as EROFS images over a FUSE blob, 6.12+; older kernels fall back to FUSE views)."""
     if request.param == "no-passthrough":
         yield request.getfixturevalue("stack")
         return
-    s = start_stack(tmp_path_factory.mktemp("stack-passthrough"), store_url, fused_args=["--passthrough"])
+    s = start_stack(tmp_path_factory.mktemp(f"stack-{request.param}"), store_url, fused_args=[f"--{request.param}"])
     yield s
     s.stop()

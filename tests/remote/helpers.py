@@ -3,6 +3,7 @@ Prepare handshake, mounting a chain, and comparing trees."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -101,3 +102,20 @@ def comparable(entries: dict[str, tuple]) -> dict[str, tuple]:
 
 
 __all__ = ["Snapshots", "comparable", "handshake", "mounted_chain", "tree"]
+
+
+def kernel_release() -> tuple[int, int]:
+    """This kernel's (major, minor) version."""
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def erofs_mounts(root: Path) -> list[str]:
+    """The EROFS mounts (views served as EROFS images) under a node's root."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "erofs" and fields[4].startswith(str(root)):
+                out.append(fields[4])
+    return out

@@ -37,6 +37,7 @@ from snapshotter.fused.indexes import IndexDir
 from snapshotter.fused.views import Views, inode_digest
 from tests.faultproxy import FaultProxy
 from tests.remote.conftest import Image, build_image, convert, liftoff_pull, start_stack
+from tests.remote.helpers import erofs_mounts, kernel_release
 from tests.snapshotter.helpers import APPLETS, BUSYBOX
 
 MAX_STALL_MS = 2000
@@ -191,6 +192,16 @@ def now_ms() -> int:
 
 @pytest.fixture
 def node(tmp_path_factory, s3_server, s3_store_url, images):
+    yield from _node(tmp_path_factory, s3_server, s3_store_url, images)
+
+
+@pytest.fixture
+def erofs_node(tmp_path_factory, s3_server, s3_store_url, images):
+    """A node whose daemon serves EROFS views (file-backed EROFS over a FUSE blob, Linux 6.12+)."""
+    yield from _node(tmp_path_factory, s3_server, s3_store_url, images, ["--erofs"])
+
+
+def _node(tmp_path_factory, s3_server, s3_store_url, images, extra: list[str] | None = None):
     for image in images:
         convert(image.image, s3_store_url, "--chunk-size", "64K")
     port = int(s3_server.endpoint.rsplit(":", 1)[1])
@@ -201,7 +212,7 @@ def node(tmp_path_factory, s3_server, s3_store_url, images):
     holder_socket = workdir / "holder" / "fdholder.sock"
     holder = spawn("fdholder", [sys.executable, "-m", "liftoff", "fdholder", "--socket", str(holder_socket)], workdir)
     wait_for_holder(holder_socket, holder)
-    fused_args = ["--store", relayed, "--fetch-retry-seconds", "60", "--fd-holder", str(holder_socket)]
+    fused_args = ["--store", relayed, "--fetch-retry-seconds", "60", "--fd-holder", str(holder_socket), *(extra or [])]
     n = Node(None, proxy, workdir, fused_args, holder=holder)
     n.start_fused()
     n.stack = start_stack(workdir, relayed, "--no-start-fused")
@@ -301,6 +312,25 @@ def test_kill9_twenty_times_under_running_containers(node, images):
     assert_clean(verdict, node)
     cold = next(r for r in node.readers if r.name == "cold")
     assert len({path for _, path, _ in cold.lines()}) > 20, "the cold reader walked files fetched during the kills"
+
+
+@pytest.mark.skipif(kernel_release() < (6, 12), reason="file-backed EROFS needs Linux 6.12+")
+def test_kill9_under_running_containers_with_erofs_views(erofs_node, images):
+    """EROFS views survive the daemon too: the kernel keeps each image mounted, the blob's connection
+    waits in the fd holder, and a new daemon serves the blobs again (same layout, checked by digest)."""
+    node = erofs_node
+    assert len(erofs_mounts(node.workdir)) == 3, "the three views are EROFS images"
+    start_readers(node, images)
+    since = now_ms()
+    kill_and_restart(node, 10)
+    time.sleep(1.0)
+    log = (node.workdir / "fused.log").read_text()
+    assert log.count("re-attached view") >= 10 * 3, "every restart re-attached the three views"
+    assert "mounting the view afresh" not in log
+    verdict = node.verdict(since)
+    record("kill -9 x10, EROFS views (fd holder)", node, verdict)
+    assert_clean(verdict, node)
+    assert len(erofs_mounts(node.workdir)) == 3
 
 
 def test_upgrade_handover(node, images):
