@@ -75,6 +75,8 @@ OPCODE_NAMES = {
     k.READDIR: "readdir",
     k.RELEASEDIR: "releasedir",
     k.ACCESS: "access",
+    k.INTERRUPT: "interrupt",
+    k.IOCTL: "ioctl",
     k.FORGET: "forget",
     k.BATCH_FORGET: "batch_forget",
     k.READDIRPLUS: "readdirplus",
