@@ -62,7 +62,7 @@ _FILE_TYPES = {
 }
 
 
-class ImageError(Exception):
+class ErofsUnsupported(Exception):
     """The view cannot be written as an EROFS image (a name or value EROFS cannot hold)."""
 
 
@@ -128,9 +128,9 @@ def _xattr_body(node: Node) -> bytes:
                     index, suffix = number, name[len(prefix) :].encode("utf-8", "surrogateescape")
                     break
             else:
-                raise ImageError(f"xattr {name!r} has a namespace EROFS cannot store")
+                raise ErofsUnsupported(f"xattr {name!r} has a namespace EROFS cannot store")
         if len(suffix) > 255 or len(value) > 0xFFFF:
-            raise ImageError(f"xattr {name!r} is too long for EROFS")
+            raise ErofsUnsupported(f"xattr {name!r} is too long for EROFS")
         entry = _XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
         entries.append(entry + bytes(-len(entry) % 4))
     return _XATTR_HEADER.pack(0, 0, bytes(7)) + b"".join(entries)
@@ -145,7 +145,7 @@ def _dirent_groups(node: Node, parent: Node) -> list[list[tuple[bytes, Node]]]:
     used = 0
     for name, child in entries:
         if not name or len(name) > 255:
-            raise ImageError(f"a name of {len(name)} bytes cannot be stored")
+            raise ErofsUnsupported(f"a name of {len(name)} bytes cannot be stored")
         if used + _DIRENT.size + len(name) > BLOCK:
             groups.append([])
             used = 0
@@ -180,7 +180,7 @@ def build_image(view: View, layout: BlobLayout, tag: bytes = b"") -> bytes:
     """The EROFS metadata image of `view`, its files' bytes on device 1 laid out by `layout`."""
     nodes = [n for n in view.nodes[1:] if n is not None]
     if nodes[0] is not view.root:
-        raise ImageError("the view's root must be its first inode")
+        raise ErofsUnsupported("the view's root must be its first inode")
     parents = _parents(view)
     # Pass 1: each inode's place in the metadata area (block 1 on), known from its own size; a
     # directory of one block and a symlink target go inline after their inode (never across a
@@ -202,7 +202,7 @@ def build_image(view: View, layout: BlobLayout, tag: bytes = b"") -> bytes:
             size += -size % 8 + _CHUNK_INDEX.size
         elif stat.S_ISLNK(node.mode):
             if len(node.link) >= BLOCK:  # Linux's limit too (PATH_MAX with its NUL)
-                raise ImageError(f"a symlink target of {len(node.link)} bytes is too long")
+                raise ErofsUnsupported(f"a symlink target of {len(node.link)} bytes is too long")
             tail = len(node.link)
         if tail and size + tail <= BLOCK:
             inline.add(node.ino)
@@ -269,7 +269,7 @@ def build_image(view: View, layout: BlobLayout, tag: bytes = b"") -> bytes:
         meta[at : at + len(record)] = record
     total_blocks = first_data_block + len(data) // BLOCK
     if nid[view.root.ino] > 0xFFFF:
-        raise ImageError("the root inode lies beyond what the superblock can address")
+        raise ErofsUnsupported("the root inode lies beyond what the superblock can address")
     superblock = _SUPER.pack(
         MAGIC,
         0,  # checksum (no COMPAT_SB_CHKSUM)

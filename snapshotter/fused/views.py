@@ -30,7 +30,7 @@ from pathlib import Path
 from layerstore.errors import LiftoffError
 from layerstore.fetch import ChunkFetcher
 from layerstore.private import private_dir, restrict_file, write_private
-from snapshotter.erofs_image import BlobLayout, ImageError, write_image
+from snapshotter.erofs_image import BlobLayout, ErofsUnsupported, write_image
 from snapshotter.fuse_blob import BLOB_NAME, BlobView
 from snapshotter.fuse_control import view_id as make_view_id
 from snapshotter.fuse_passthrough import BackingFiles
@@ -210,7 +210,7 @@ class Views:
             if record.erofs and str(mountpoint) not in _mounts(b"erofs"):
                 try:  # the blob's connection lived on, the image's mount did not: mount it again
                     self._mount_image(spec.view_id, session.view)  # type: ignore[arg-type]
-                except (OSError, ImageError) as e:
+                except (OSError, ErofsUnsupported) as e:
                     log.error("view %s: its EROFS image cannot be mounted again: %s", spec.view_id, e)
             try:
                 self.fd_store.put(spec.view_id, fd)  # a store that restarted meanwhile (or a handover) has it again
@@ -359,7 +359,7 @@ class Views:
             raise LiftoffError(f"mounting the blob of view {spec.view_id} at {blob_dir} failed: {e}") from None
         try:
             self._mount_image(spec.view_id, session.view)  # type: ignore[arg-type]
-        except (OSError, ImageError) as e:
+        except (OSError, ErofsUnsupported) as e:
             if isinstance(e, OSError):  # the kernel's answer: it holds for every view
                 self.erofs = False
                 log.error("view %s: no EROFS view (%s): this and later views are served by FUSE", spec.view_id, e)

@@ -29,7 +29,7 @@ from layerstore.index import FORMAT_MAJOR
 from layerstore.layout import chunk_key
 from layerstore.pb.liftoff.index.v1 import index_pb2 as pb
 from layerstore.stores.file import FileStore
-from snapshotter.erofs_image import BLOCK, BlobLayout, ImageError, build_image, write_image
+from snapshotter.erofs_image import BLOCK, BlobLayout, ErofsUnsupported, build_image, write_image
 from snapshotter.fuse_blob import BlobView
 from snapshotter.fuse_control import view_id
 from snapshotter.fuse_server import FuseSession, lazy_unmount, mount_erofs
@@ -229,12 +229,12 @@ def test_what_erofs_cannot_hold_is_refused(tmp_path):
     index.entries.add(path=b"", type=pb.ENTRY_TYPE_DIRECTORY, mode=0o755)
     _file(index, b"odd", [(0, 0, 1)], xattrs={"system.something": b"1"})
     view = View([index])
-    with pytest.raises(ImageError, match="namespace EROFS cannot store"):
+    with pytest.raises(ErofsUnsupported, match="namespace EROFS cannot store"):
         build_image(view, BlobLayout(view))
     index.entries[-1].ClearField("xattrs")
     index.entries.add(path=b"far", type=pb.ENTRY_TYPE_SYMLINK, link_target=b"x" * (BLOCK + 1))
     view = View([index])
-    with pytest.raises(ImageError, match="too long"):
+    with pytest.raises(ErofsUnsupported, match="too long"):
         build_image(view, BlobLayout(view))
 
 
@@ -288,8 +288,15 @@ def test_views_mount_erofs_and_unmount_both_mounts(tmp_path):
         assert mounted.erofs and str(mounted.mountpoint) in views_module._mounts(b"erofs")
         record = next(r for r in views.recorded() if not isinstance(r, tuple))
         assert record.erofs and record.inodes
+        reads: list[tuple[bytes, int, int]] = []
+        mounted.record_reads(lambda node, offset, length: reads.append((node.origin, offset, length)))
         tree = read_trees(mounted.mountpoint)[str(mounted.mountpoint)]
         assert tree[b"usr/lib/libbig.so".hex()][-2] == hashlib.sha256(BIG_A + BIG_B).hexdigest()
+        mounted.record_reads(None)
+        # a recording sees the blob's reads as the files they cover, whole and nothing past their ends
+        library = [(offset, length) for origin, offset, length in reads if origin == b"usr/lib/libbig.so"]
+        assert sum(length for _, length in library) == len(BIG_A) + len(BIG_B), library
+        assert all(origin for origin, _, _ in reads)
         image = tmp_path / "root" / "erofs" / f"{spec.view_id}.img"
         assert image.exists() and image.stat().st_mode & 0o777 == 0o600
     finally:
