@@ -32,6 +32,7 @@ import pytest
 from layerstore.procs import Service, spawn, wait_for_socket
 from liftoff.devstack.ocibuild import Member, make_tar
 from snapshotter.fuse_control import FusedClient, FusedUnavailable
+from snapshotter.fuse_server import lazy_unmount
 from snapshotter.fuse_tree import View
 from snapshotter.fused.indexes import IndexDir
 from snapshotter.fused.views import Views, inode_digest
@@ -227,6 +228,15 @@ def _node(tmp_path_factory, s3_server, s3_store_url, images, extra: list[str] | 
         n.fused.process.wait(30)
     holder.stop()
     proxy.stop()
+    for mountpoint in mounts_under(workdir):  # views a test left with no daemon (their connections ended)
+        lazy_unmount(mountpoint)
+
+
+def mounts_under(top: Path) -> list[str]:
+    """Mount points below `top`, deepest first."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return sorted((p for p in points if p.startswith(f"{top}/")), key=len, reverse=True)
 
 
 def wait_for_holder(path: Path, holder: Service, timeout: float = 30.0) -> None:
