@@ -177,7 +177,17 @@ def _parents(view: View) -> dict[int, Node]:
 
 
 def build_image(view: View, layout: BlobLayout, tag: bytes = b"") -> bytes:
-    """The EROFS metadata image of `view`, its files' bytes on device 1 laid out by `layout`."""
+    """The EROFS metadata image of `view`, its files' bytes on device 1 laid out by `layout`.
+    ErofsUnsupported for what EROFS cannot hold (the view is then served by FUSE)."""
+    if layout.size >> BLOCK_BITS > 0xFFFFFFFF:
+        raise ErofsUnsupported(f"the view's files ({layout.size} bytes laid out) exceed the 16 TiB an EROFS device addresses")
+    try:
+        return _build_image(view, layout, tag)
+    except struct.error as e:  # a value wider than its on-disk field (e.g. a device number from a foreign index)
+        raise ErofsUnsupported(f"a value does not fit EROFS's on-disk fields: {e}") from None
+
+
+def _build_image(view: View, layout: BlobLayout, tag: bytes) -> bytes:
     nodes = [n for n in view.nodes[1:] if n is not None]
     if nodes[0] is not view.root:
         raise ErofsUnsupported("the view's root must be its first inode")

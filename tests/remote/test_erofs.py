@@ -236,6 +236,16 @@ def test_what_erofs_cannot_hold_is_refused(tmp_path):
     view = View([index])
     with pytest.raises(ErofsUnsupported, match="too long"):
         build_image(view, BlobLayout(view))
+    # values a foreign index may carry that EROFS's fields cannot: a clear error, never struct's
+    del index.entries[-1]  # the long symlink
+    view = View([index])
+    view.resolve(b"odd").size = 1 << 45
+    with pytest.raises(ErofsUnsupported, match="16 TiB"):
+        build_image(view, BlobLayout(view))
+    view.resolve(b"odd").size = 1
+    view.resolve(b"odd").uid = 1 << 40
+    with pytest.raises(ErofsUnsupported, match="does not fit"):
+        build_image(view, BlobLayout(view))
 
 
 def test_a_daemon_whose_kernel_cannot_mount_erofs_serves_fuse_views(tmp_path, monkeypatch, caplog):
