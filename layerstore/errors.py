@@ -46,6 +46,11 @@ class StoreError(LiftoffError):
     error_code = "store"
 
 
+class StoreUnreachable(StoreError):
+    """The store did not answer (connection refused, reset or stalled): it may be back any moment.
+    (Its `error_code` stays "store", as before it had a class of its own.)"""
+
+
 class ObjectNotFound(StoreError):
     """The object does not exist in the store."""
 

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from layerstore.cache import ChunkCache
-from layerstore.errors import FormatError, LiftoffError, ObjectNotFound, StoreError
+from layerstore.errors import FormatError, LiftoffError, ObjectNotFound, StoreError, StoreUnreachable
 from layerstore.index import decompress_chunk
 from layerstore.layout import chunk_key
 from layerstore.retry import Backoff
@@ -47,7 +47,12 @@ class ChunkFetcher:
     retries, the stores beneath it make one attempt per call (Store.single_attempt), and after
     the first round (every store tried once, so a dead first store still falls through) no
     request starts once the budget is spent. `request_timeout` defaults to retry_seconds, kept
-    within 5-20 s."""
+    within 5-20 s.
+
+    While the stores are only unreachable (refused, reset or stalled connections), a fetch pauses
+    at most `unreachable_backoff` seconds between rounds, and wakes at once when any other fetch
+    succeeds: readers resume as soon as a store is back. Other failures (throttling, server errors,
+    corrupt data) back off fully, up to `max_backoff`."""
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class ChunkFetcher:
         max_backoff: float = 5.0,
         request_timeout: float | None = None,
         on_fetch: Callable[[bytes, int], None] | None = None,
+        unreachable_backoff: float = 1.0,
     ) -> None:
         self.stores = stores
         if request_timeout is None:
@@ -68,6 +74,9 @@ class ChunkFetcher:
         self.cache = cache
         self.retry_seconds = retry_seconds
         self.backoff = Backoff(backoff, max_backoff)
+        self.unreachable_backoff = unreachable_backoff
+        self._fetched = threading.Condition()  # notified on every successful fetch
+        self._successes = 0
         self.on_fetch = on_fetch
         self.stats = FetchStats()
         self._lock = threading.Lock()
@@ -108,6 +117,23 @@ class ChunkFetcher:
         if sha256 not in self.cache:
             self.get(sha256, size, layer)
 
+    def _pause(self, failures: int, deadline: float, unreachable_only: bool) -> bool:
+        """Wait before the next round; False where that wait would end past the deadline. While the
+        stores are only unreachable, the wait is short and ends when another fetch succeeds (so
+        retries never outpace the others' successes)."""
+        pause = self.backoff.delay(failures)
+        if unreachable_only:
+            pause = min(pause, self.unreachable_backoff)
+        if time.monotonic() + pause > deadline:
+            return False
+        if not unreachable_only:
+            time.sleep(pause)
+            return True
+        with self._fetched:
+            successes = self._successes
+            self._fetched.wait_for(lambda: self._successes != successes, timeout=pause)
+        return True
+
     def _fetch(self, sha256: bytes, size: int, layer: str) -> bytes:
         """Try every store in order; repeat with backoff while a store fails (unreachable, corrupt
         data) and `retry_seconds` last; a chunk that every store says is absent fails after a
@@ -115,11 +141,11 @@ class ChunkFetcher:
         key = chunk_key(sha256)
         errors: list[str] = []
         deadline = time.monotonic() + self.retry_seconds
-        pauses = self.backoff.pauses(budget=self.retry_seconds)  # each pause ends within the budget
         rounds = 0
         spent = False
         while not spent:
             missing_everywhere = True
+            unreachable_only = True
             for store in self._attempts:
                 if rounds and time.monotonic() >= deadline:
                     spent = True
@@ -133,6 +159,7 @@ class ChunkFetcher:
                     continue
                 except (StoreError, FormatError) as e:
                     missing_everywhere = False
+                    unreachable_only = unreachable_only and isinstance(e, StoreUnreachable)
                     errors.append(str(e))
                     log.warning("chunk %s of layer %s: %s", sha256.hex(), layer or "?", e)
                     continue
@@ -144,9 +171,12 @@ class ChunkFetcher:
                     self.stats.per_store[store.url] = self.stats.per_store.get(store.url, 0) + 1
                 if self.on_fetch is not None:
                     self.on_fetch(sha256, len(blob))
+                with self._fetched:
+                    self._successes += 1
+                    self._fetched.notify_all()
                 return data
             rounds += 1
-            if spent or (missing_everywhere and rounds >= 2) or next(pauses, None) is None:
+            if spent or (missing_everywhere and rounds >= 2) or not self._pause(rounds, deadline, unreachable_only):
                 break
             with self._lock:
                 self.stats.retries += 1

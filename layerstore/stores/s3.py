@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from layerstore import s3url
-from layerstore.errors import ObjectNotFound, StoreError
+from layerstore.errors import ObjectNotFound, StoreError, StoreUnreachable
 from layerstore.s3url import S3Location
 from layerstore.stores.base import Bytes, Store, parallel_sizes
 from layerstore.stores.presigned import PresignedGetter, UseBotocore
@@ -71,7 +71,11 @@ class S3Store(Store):
             message = failure.describe(
                 action=action, target=self.url + key, endpoint=self.endpoint_url, timeout=self.read_timeout
             )
-            raise (ObjectNotFound if failure.kind == s3url.MISSING else StoreError)(message) from None
+            if failure.kind == s3url.MISSING:
+                raise ObjectNotFound(message) from None
+            if failure.kind in (s3url.UNREACHABLE, s3url.STALLED):
+                raise StoreUnreachable(message) from None
+            raise StoreError(message) from None
 
     def _key(self, key: str) -> dict[str, str]:
         return {"Bucket": self.bucket, "Key": self.prefix + key}

@@ -11,9 +11,11 @@ import pytest
 import zstandard
 
 from layerstore.cache import ChunkCache
+from layerstore.errors import StoreError, StoreUnreachable
 from layerstore.fetch import ChunkFetcher, ChunkUnavailable
 from layerstore.layout import chunk_key
 from layerstore.stores import FileStore, open_store
+from tests.faultproxy import FaultProxy
 from tests.silent_server import SilentServer
 
 
@@ -122,3 +124,101 @@ def test_a_store_that_never_answers_fails_within_the_retry_budget(tmp_path, aws_
     assert f"chunk {'02' * 32} of layer sha256:layer could not be fetched from s3://chunks/region-a/" in message
     assert "did not answer within 1 s" in message, message
     assert server.connections == fetcher.stats.retries + 1  # one request per attempt
+
+
+@pytest.fixture
+def relayed_s3(s3_store_url):
+    """An S3 store (moto) behind a fault-injecting relay, and the relay."""
+    store = open_store(s3_store_url)
+    port = int(store.endpoint_url.rsplit(":", 1)[1])
+    proxy = FaultProxy(("127.0.0.1", port), match=lambda head: b"/chunks/" in head)
+    relayed = open_store(s3_store_url.replace("?", f"?endpoint_url={proxy.endpoint}&"))
+    yield store, relayed, proxy
+    relayed.close()
+    store.close()
+    proxy.stop()
+
+
+def test_a_store_that_drops_connections_is_unreachable_and_throttling_is_not(relayed_s3):
+    store, relayed, proxy = relayed_s3
+    sha = hashlib.sha256(b"x").digest()
+    store.put(chunk_key(sha), zstandard.ZstdCompressor().compress(b"x"))
+    proxy.always("reset")
+    with pytest.raises(StoreUnreachable):
+        relayed.single_attempt(2.0).get(chunk_key(sha))
+    proxy.clear()
+    proxy.always("503")
+    with pytest.raises(StoreError) as error:
+        relayed.single_attempt(2.0).get(chunk_key(sha))
+    assert not isinstance(error.value, StoreUnreachable), error.value
+    proxy.clear()
+    assert relayed.single_attempt(2.0).get(chunk_key(sha))
+
+
+def _fetch_in_thread(fetcher: ChunkFetcher, sha: bytes, size: int) -> tuple[threading.Thread, list]:
+    done: list = []
+
+    def run() -> None:
+        done.append(fetcher.read(sha, size, 0, size))
+        done.append(time.monotonic())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def _wait_for_a_failed_round(proxy: FaultProxy, timeout: float = 20.0) -> None:
+    """Until the relay has dropped the fetch's first request (the fetch then pauses before its next round)."""
+    deadline = time.monotonic() + timeout
+    while not proxy.injected:
+        assert time.monotonic() < deadline, "the fetch never reached the store"
+        time.sleep(0.01)
+    time.sleep(0.2)
+
+
+def test_reads_waiting_on_an_unreachable_store_resume_when_another_fetch_succeeds(relayed_s3, tmp_path):
+    """A fetch pausing after connection failures wakes when any fetch succeeds: its own pause here
+    would last 5-10 s (backoff 10 s, no short cap), it resumes within 3 s of the other's success."""
+    store, relayed, proxy = relayed_s3
+    first, second = b"first chunk" * 100, b"second chunk" * 100
+    shas = [hashlib.sha256(d).digest() for d in (first, second)]
+    for sha, data in zip(shas, (first, second), strict=True):
+        store.put(chunk_key(sha), zstandard.ZstdCompressor().compress(data))
+    fetcher = ChunkFetcher(
+        [relayed],
+        ChunkCache(tmp_path / "cache", 1 << 20),
+        retry_seconds=60,
+        backoff=10,
+        max_backoff=10,
+        request_timeout=5,
+        unreachable_backoff=30,
+    )
+    proxy.always("reset")
+    thread, done = _fetch_in_thread(fetcher, shas[0], len(first))
+    _wait_for_a_failed_round(proxy)
+    proxy.clear()
+    assert fetcher.read(shas[1], len(second), 0, len(second)) == second
+    recovered = time.monotonic()
+    thread.join(15)
+    assert done and done[0] == first
+    assert done[1] - recovered < 3.0, done[1] - recovered
+
+
+def test_a_lone_read_probes_an_unreachable_store_every_second(relayed_s3, tmp_path):
+    """With nothing else fetching, a read after connection failures retries within `unreachable_backoff`
+    (1 s), not after the full backoff (5-10 s here), once the store is back."""
+    store, relayed, proxy = relayed_s3
+    data = b"lone chunk" * 100
+    sha = hashlib.sha256(data).digest()
+    store.put(chunk_key(sha), zstandard.ZstdCompressor().compress(data))
+    fetcher = ChunkFetcher(
+        [relayed], ChunkCache(tmp_path / "cache", 1 << 20), retry_seconds=60, backoff=10, max_backoff=10, request_timeout=5
+    )
+    proxy.always("reset")
+    thread, done = _fetch_in_thread(fetcher, sha, len(data))
+    _wait_for_a_failed_round(proxy)
+    proxy.clear()
+    back = time.monotonic()
+    thread.join(15)
+    assert done and done[0] == data
+    assert done[1] - back < 3.0, done[1] - back
