@@ -315,3 +315,37 @@ def test_views_mount_erofs_and_unmount_both_mounts(tmp_path):
     assert str(mounted.mountpoint) not in views_module._mounts(b"erofs")
     assert str(mounted.mountpoint) + ".blob" not in views_module._fuse_mounts()
     assert not (tmp_path / "root" / "erofs" / f"{spec.view_id}.img").exists()
+
+
+@needs_erofs
+def test_a_new_daemon_serves_the_blob_again_and_remounts_a_lost_image(tmp_path):
+    """A handover in-process: the first Views stops serving and passes the blob's descriptor; the second
+    re-attaches it (same layout, checked by the inode digest) and mounts the EROFS image again where it is
+    gone (here: unmounted by hand; a new daemon finds the blob's connection but no image mount)."""
+    store = FileStore(tmp_path / "store")
+    view = rich_view(store, layers_below=False)
+    indexes = IndexDir(tmp_path / "root" / "indexes", [store])
+    for index in view.layers:
+        indexes.put(index.layer_digest, zstandard.ZstdCompressor().compress(index.SerializeToString()))
+    pool = ThreadPoolExecutor(4)
+    fetcher = ChunkFetcher([store], ChunkCache(tmp_path / "cache", 64 << 20), retry_seconds=2)
+    first = Views(tmp_path / "root", indexes, fetcher, pool, erofs=True)
+    layers = [index.layer_digest for index in view.layers]
+    spec = ViewSpec(view_id(layers, False), layers, False)
+    mounted, _ = first.mount(spec)
+    second = None
+    try:
+        fds, unanswered = first.stop_all(5.0)
+        assert unanswered == 0 and list(fds) == [spec.view_id]
+        lazy_unmount(mounted.mountpoint)  # the image's mount is lost; the blob's connection lives on
+        assert str(mounted.mountpoint) not in views_module._mounts(b"erofs")
+        second = Views(tmp_path / "root", indexes, fetcher, pool, erofs=False)  # its own option does not matter
+        record = next(r for r in second.recorded() if not isinstance(r, tuple))
+        again = second.attach(record, fds[spec.view_id])
+        assert again is not None and again.erofs
+        assert str(mounted.mountpoint) in views_module._mounts(b"erofs")
+        tree = read_trees(again.mountpoint)[str(again.mountpoint)]
+        assert tree[b"usr/lib/libbig.so".hex()][-2] == hashlib.sha256(BIG_A + BIG_B).hexdigest()
+    finally:
+        (second or first).unmount(spec.view_id)
+        pool.shutdown(cancel_futures=True)
