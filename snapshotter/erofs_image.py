@@ -24,6 +24,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+from layerstore.private import write_private
 from snapshotter.fuse_tree import Node, View
 
 BLOCK = 4096
@@ -176,18 +177,18 @@ def _parents(view: View) -> dict[int, Node]:
     return parents
 
 
-def build_image(view: View, layout: BlobLayout, tag: bytes = b"") -> bytes:
+def build_image(view: View, layout: BlobLayout) -> bytes:
     """The EROFS metadata image of `view`, its files' bytes on device 1 laid out by `layout`.
     ErofsUnsupported for what EROFS cannot hold (the view is then served by FUSE)."""
     if layout.size >> BLOCK_BITS > 0xFFFFFFFF:
         raise ErofsUnsupported(f"the view's files ({layout.size} bytes laid out) exceed the 16 TiB an EROFS device addresses")
     try:
-        return _build_image(view, layout, tag)
+        return _build_image(view, layout)
     except struct.error as e:  # a value wider than its on-disk field (e.g. a device number from a foreign index)
         raise ErofsUnsupported(f"a value does not fit EROFS's on-disk fields: {e}") from None
 
 
-def _build_image(view: View, layout: BlobLayout, tag: bytes) -> bytes:
+def _build_image(view: View, layout: BlobLayout) -> bytes:
     nodes = [n for n in view.nodes[1:] if n is not None]
     if nodes[0] is not view.root:
         raise ErofsUnsupported("the view's root must be its first inode")
@@ -308,7 +309,7 @@ def _build_image(view: View, layout: BlobLayout, tag: bytes) -> bytes:
     )
     head = bytearray(BLOCK)
     head[SUPER_OFFSET : SUPER_OFFSET + len(superblock)] = superblock
-    device = _DEVICE.pack(tag[:64], layout.size >> BLOCK_BITS, 0, bytes(56))
+    device = _DEVICE.pack(bytes(64), layout.size >> BLOCK_BITS, 0, bytes(56))
     head[DEVICE_SLOT_OFFSET : DEVICE_SLOT_OFFSET + len(device)] = device
     return bytes(head) + bytes(meta) + bytes(data)
 
@@ -317,6 +318,6 @@ def write_image(view: View, layout: BlobLayout, path: Path) -> None:
     """Write the view's image to `path` (0600): a temp file beside it, then a rename."""
     image = build_image(view, layout)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb", opener=lambda name, flags: os.open(name, flags | os.O_CLOEXEC, 0o600)) as f:
-        f.write(image)
+    tmp.unlink(missing_ok=True)  # left by a crash
+    write_private(tmp, image)
     os.rename(tmp, path)
