@@ -13,7 +13,7 @@ from layerstore.pb.containerd.services.leases.v1 import leases_pb2, leases_pb2_g
 from layerstore.pb.liftoff.index.v1 import index_pb2
 from snapshotter.fuse_tree import View
 from tests.remote.conftest import convert
-from tests.remote.helpers import Snapshots, comparable, handshake, mounted_chain, tree
+from tests.remote.helpers import Snapshots, comparable, erofs_mounts, handshake, kernel_release, mounted_chain, tree
 from tests.remote.images import UNPACK_TIME_DIRS
 
 
@@ -29,7 +29,8 @@ def reference_tree(stack, conformance_image, tmp_path_factory) -> dict:
 
 
 def test_lazy_tree_equals_overlayfs(data_path_stack, conformance_image, reference_tree, tmp_path):
-    """Both data paths: FUSE passthrough of whole local files (Linux 6.9+), and --no-passthrough."""
+    """Every data path: FUSE passthrough of whole local files (Linux 6.9+), --no-passthrough, and EROFS views
+    (--erofs, Linux 6.12+)."""
     stack = data_path_stack
     convert(conformance_image, stack.store_url)
     with Snapshots(stack.containerd.address, "liftoff") as api:
@@ -39,6 +40,8 @@ def test_lazy_tree_equals_overlayfs(data_path_stack, conformance_image, referenc
             assert api.stat(chain_id).name == chain_id  # containerd's own record of the remote snapshot
         with mounted_chain(api, conformance_image.chain_ids[-1], tmp_path / "mnt") as root:
             lazy = tree(root)
+            if "stack-erofs" in str(stack.workdir) and kernel_release() >= (6, 12):
+                assert erofs_mounts(stack.root), "the view should be an EROFS image on this kernel"
     assert sorted(set(lazy) ^ set(reference_tree)) == [], "paths only one side has"
     expected = comparable(reference_tree)
     got = comparable(lazy)
