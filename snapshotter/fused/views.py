@@ -307,12 +307,7 @@ class Views:
             mountpoint.mkdir(mode=0o700, exist_ok=True)
             mounted = self._mount_erofs(spec, view) if self.erofs else None
             if mounted is None:
-                session = self._session(view, spec.view_id)
-                session.on_gone = self._gone
-                try:
-                    session.mount(mountpoint)
-                except OSError as e:
-                    raise LiftoffError(f"mounting view {spec.view_id} at {mountpoint} failed: {e}") from None
+                session = self._serve(self._session(view, spec.view_id), mountpoint, f"view {spec.view_id}")
                 mounted = MountedView(spec, view, mountpoint, session, inode_digest(view))
             session = mounted.session
             self._views[spec.view_id] = mounted
@@ -333,6 +328,15 @@ class Views:
             self._settle()
             return mounted, True
 
+    def _serve(self, session: FuseSession, mountpoint: Path, what: str) -> FuseSession:
+        """Mount the session at `mountpoint` and serve it until its connection ends."""
+        session.on_gone = self._gone
+        try:
+            session.mount(mountpoint)
+        except OSError as e:
+            raise LiftoffError(f"mounting {what} at {mountpoint} failed: {e}") from None
+        return session
+
     def _blob_dir(self, view_id: str) -> Path:
         return self.mnt / f"{view_id}.blob"
 
@@ -351,12 +355,7 @@ class Views:
         blob_dir = self._blob_dir(spec.view_id)
         self._clear_stale(blob_dir)
         blob_dir.mkdir(mode=0o700, exist_ok=True)
-        session = self._blob_session(view, spec.view_id)
-        session.on_gone = self._gone
-        try:
-            session.mount(blob_dir)
-        except OSError as e:
-            raise LiftoffError(f"mounting the blob of view {spec.view_id} at {blob_dir} failed: {e}") from None
+        session = self._serve(self._blob_session(view, spec.view_id), blob_dir, f"the blob of view {spec.view_id}")
         try:
             self._mount_image(spec.view_id, session.view)  # type: ignore[arg-type]
         except (OSError, ErofsUnsupported) as e:

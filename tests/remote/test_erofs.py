@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -248,24 +249,43 @@ def test_what_erofs_cannot_hold_is_refused(tmp_path):
         build_image(view, BlobLayout(view))
 
 
-def test_a_daemon_whose_kernel_cannot_mount_erofs_serves_fuse_views(tmp_path, monkeypatch, caplog):
-    """The kernel's refusal (a kernel before 6.12 answers ENOTBLK) is the one fault made up here, at the
-    mount call: the view is served by FUSE, and so is every later one, with one line saying why."""
+@dataclass
+class Daemonless:
+    """What a daemon's Views need, over the rich view's layers: local indexes, a fetcher, a pool."""
+
+    root: Path
+    indexes: IndexDir
+    fetcher: ChunkFetcher
+    pool: ThreadPoolExecutor
+    spec: ViewSpec
+
+    def views(self, erofs: bool = True) -> Views:
+        return Views(self.root, self.indexes, self.fetcher, self.pool, erofs=erofs)
+
+
+@pytest.fixture
+def parts(tmp_path):
     store = FileStore(tmp_path / "store")
     view = rich_view(store, layers_below=False)
     indexes = IndexDir(tmp_path / "root" / "indexes", [store])
     for index in view.layers:
         indexes.put(index.layer_digest, zstandard.ZstdCompressor().compress(index.SerializeToString()))
+    pool = ThreadPoolExecutor(4)
+    fetcher = ChunkFetcher([store], ChunkCache(tmp_path / "cache", 64 << 20), retry_seconds=2)
+    layers = [index.layer_digest for index in view.layers]
+    yield Daemonless(tmp_path / "root", indexes, fetcher, pool, ViewSpec(view_id(layers, False), layers, False))
+    pool.shutdown(cancel_futures=True)
+
+
+def test_a_daemon_whose_kernel_cannot_mount_erofs_serves_fuse_views(tmp_path, parts, monkeypatch, caplog):
+    """The kernel's refusal (a kernel before 6.12 answers ENOTBLK) is the one fault made up here, at the
+    mount call: the view is served by FUSE, and so is every later one, with one line saying why."""
 
     def refuse(image, blob, mountpoint, flags=0):
         raise OSError(errno.ENOTBLK, f"mount erofs {image} at {mountpoint}: Block device required")
 
     monkeypatch.setattr(views_module, "mount_erofs", refuse)
-    pool = ThreadPoolExecutor(4)
-    fetcher = ChunkFetcher([store], ChunkCache(tmp_path / "cache", 64 << 20), retry_seconds=2)
-    views = Views(tmp_path / "root", indexes, fetcher, pool, erofs=True)
-    layers = [index.layer_digest for index in view.layers]
-    spec = ViewSpec(view_id(layers, False), layers, False)
+    views, spec = parts.views(), parts.spec
     caplog.set_level(logging.INFO)
     try:
         mounted, fresh = views.mount(spec)
@@ -278,21 +298,11 @@ def test_a_daemon_whose_kernel_cannot_mount_erofs_serves_fuse_views(tmp_path, mo
         assert passwd[-2] == hashlib.sha256(SMALL[::-1]).hexdigest()  # the top layer's
     finally:
         views.unmount(spec.view_id)
-        pool.shutdown(cancel_futures=True)
 
 
 @needs_erofs
-def test_views_mount_erofs_and_unmount_both_mounts(tmp_path):
-    store = FileStore(tmp_path / "store")
-    view = rich_view(store, layers_below=False)
-    indexes = IndexDir(tmp_path / "root" / "indexes", [store])
-    for index in view.layers:
-        indexes.put(index.layer_digest, zstandard.ZstdCompressor().compress(index.SerializeToString()))
-    pool = ThreadPoolExecutor(4)
-    fetcher = ChunkFetcher([store], ChunkCache(tmp_path / "cache", 64 << 20), retry_seconds=2)
-    views = Views(tmp_path / "root", indexes, fetcher, pool, erofs=True)
-    layers = [index.layer_digest for index in view.layers]
-    spec = ViewSpec(view_id(layers, False), layers, False)
+def test_views_mount_erofs_and_unmount_both_mounts(tmp_path, parts):
+    views, spec = parts.views(), parts.spec
     mounted, _ = views.mount(spec)
     try:
         assert mounted.erofs and str(mounted.mountpoint) in views_module._mounts(b"erofs")
@@ -311,27 +321,17 @@ def test_views_mount_erofs_and_unmount_both_mounts(tmp_path):
         assert image.exists() and image.stat().st_mode & 0o777 == 0o600
     finally:
         views.unmount(spec.view_id)
-        pool.shutdown(cancel_futures=True)
     assert str(mounted.mountpoint) not in views_module._mounts(b"erofs")
     assert str(mounted.mountpoint) + ".blob" not in views_module._fuse_mounts()
     assert not (tmp_path / "root" / "erofs" / f"{spec.view_id}.img").exists()
 
 
 @needs_erofs
-def test_a_new_daemon_serves_the_blob_again_and_remounts_a_lost_image(tmp_path):
+def test_a_new_daemon_serves_the_blob_again_and_remounts_a_lost_image(tmp_path, parts):
     """A handover in-process: the first Views stops serving and passes the blob's descriptor; the second
     re-attaches it (same layout, checked by the inode digest) and mounts the EROFS image again where it is
     gone (here: unmounted by hand; a new daemon finds the blob's connection but no image mount)."""
-    store = FileStore(tmp_path / "store")
-    view = rich_view(store, layers_below=False)
-    indexes = IndexDir(tmp_path / "root" / "indexes", [store])
-    for index in view.layers:
-        indexes.put(index.layer_digest, zstandard.ZstdCompressor().compress(index.SerializeToString()))
-    pool = ThreadPoolExecutor(4)
-    fetcher = ChunkFetcher([store], ChunkCache(tmp_path / "cache", 64 << 20), retry_seconds=2)
-    first = Views(tmp_path / "root", indexes, fetcher, pool, erofs=True)
-    layers = [index.layer_digest for index in view.layers]
-    spec = ViewSpec(view_id(layers, False), layers, False)
+    first, spec = parts.views(), parts.spec
     mounted, _ = first.mount(spec)
     second = None
     try:
@@ -339,7 +339,7 @@ def test_a_new_daemon_serves_the_blob_again_and_remounts_a_lost_image(tmp_path):
         assert unanswered == 0 and list(fds) == [spec.view_id]
         lazy_unmount(mounted.mountpoint)  # the image's mount is lost; the blob's connection lives on
         assert str(mounted.mountpoint) not in views_module._mounts(b"erofs")
-        second = Views(tmp_path / "root", indexes, fetcher, pool, erofs=False)  # its own option does not matter
+        second = parts.views(erofs=False)  # its own option does not matter
         record = next(r for r in second.recorded() if not isinstance(r, tuple))
         again = second.attach(record, fds[spec.view_id])
         assert again is not None and again.erofs
@@ -348,4 +348,3 @@ def test_a_new_daemon_serves_the_blob_again_and_remounts_a_lost_image(tmp_path):
         assert tree[b"usr/lib/libbig.so".hex()][-2] == hashlib.sha256(BIG_A + BIG_B).hexdigest()
     finally:
         (second or first).unmount(spec.view_id)
-        pool.shutdown(cancel_futures=True)
