@@ -42,6 +42,10 @@ from snapshotter.fused.indexes import IndexDir
 log = logging.getLogger(__name__)
 
 
+class _KernelRefused(OSError):
+    """The kernel would not mount an EROFS image (it holds for every view)."""
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """What a view is: its layers (bottom first) and whether local layers lie below them."""
@@ -350,8 +354,9 @@ class Views:
             lazy_unmount(path)
 
     def _mount_erofs(self, spec: ViewSpec, view: View) -> MountedView | None:
-        """Mount the view as an EROFS image over its blob; None where the kernel cannot (the view is
-        then served by FUSE, and so is every later one: one log line says why)."""
+        """Mount the view as an EROFS image over its blob; None where that cannot be done, and the view
+        is served by FUSE: one log line says why. Where the kernel refuses the mount, every later view
+        is served by FUSE too; where only this view's image cannot be written, only this one."""
         blob_dir = self._blob_dir(spec.view_id)
         self._clear_stale(blob_dir)
         blob_dir.mkdir(mode=0o700, exist_ok=True)
@@ -359,7 +364,7 @@ class Views:
         try:
             self._mount_image(spec.view_id, session.view)  # type: ignore[arg-type]
         except (OSError, ErofsUnsupported) as e:
-            if isinstance(e, OSError):  # the kernel's answer: it holds for every view
+            if isinstance(e, _KernelRefused):
                 self.erofs = False
                 log.error("view %s: no EROFS view (%s): this and later views are served by FUSE", spec.view_id, e)
             else:
@@ -371,10 +376,15 @@ class Views:
         return MountedView(spec, view, self.mnt / spec.view_id, session, inode_digest(view), erofs=True)
 
     def _mount_image(self, view_id: str, blob: BlobView) -> None:
-        """Write the view's EROFS image and mount it (file-backed, Linux 6.12+) over its blob."""
+        """Write the view's EROFS image and mount it (file-backed, Linux 6.12+) over its blob;
+        _KernelRefused where the kernel will not mount it."""
         image = self.images / f"{view_id}.img"
         write_image(blob.view, blob.layout, image)
-        if not mount_erofs(image, self._blob_dir(view_id) / BLOB_NAME.decode(), self.mnt / view_id, MOUNT_FLAGS):
+        try:
+            direct = mount_erofs(image, self._blob_dir(view_id) / BLOB_NAME.decode(), self.mnt / view_id, MOUNT_FLAGS)
+        except OSError as e:
+            raise _KernelRefused(e.errno, e.strerror) from None
+        if not direct:
             log.info("view %s: EROFS without direct I/O on this kernel: its blob is read through the page cache", view_id)
 
     def _write_record(self, record: Record) -> None:

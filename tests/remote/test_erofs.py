@@ -348,3 +348,32 @@ def test_a_new_daemon_serves_the_blob_again_and_remounts_a_lost_image(tmp_path, 
         assert tree[b"usr/lib/libbig.so".hex()][-2] == hashlib.sha256(BIG_A + BIG_B).hexdigest()
     finally:
         (second or first).unmount(spec.view_id)
+
+
+@needs_erofs
+def test_a_view_erofs_cannot_hold_is_served_by_fuse_alone(tmp_path, caplog):
+    """An xattr namespace EROFS has no index for: that view is a FUSE view, the next one EROFS again."""
+    store = FileStore(tmp_path / "store")
+    odd = _layer(store, "odd", [SMALL])
+    odd.entries.add(path=b"", type=pb.ENTRY_TYPE_DIRECTORY, mode=0o755)
+    _file(odd, b"odd", [(0, 0, 5)], xattrs={"system.something": b"1"})
+    plain = _layer(store, "plain", [SMALL])
+    plain.entries.add(path=b"", type=pb.ENTRY_TYPE_DIRECTORY, mode=0o755)
+    _file(plain, b"plain", [(0, 0, 5)])
+    indexes = IndexDir(tmp_path / "root" / "indexes", [store])
+    for index in (odd, plain):
+        indexes.put(index.layer_digest, zstandard.ZstdCompressor().compress(index.SerializeToString()))
+    pool = ThreadPoolExecutor(4)
+    fetcher = ChunkFetcher([store], ChunkCache(tmp_path / "cache", 64 << 20), retry_seconds=2)
+    views = Views(tmp_path / "root", indexes, fetcher, pool, erofs=True)
+    specs = [ViewSpec(view_id([i.layer_digest], False), [i.layer_digest], False) for i in (odd, plain)]
+    try:
+        first, _ = views.mount(specs[0])
+        assert not first.erofs and views.erofs
+        assert "namespace EROFS cannot store" in caplog.text
+        second, _ = views.mount(specs[1])
+        assert second.erofs
+    finally:
+        for spec in specs:
+            views.unmount(spec.view_id)
+        pool.shutdown(cancel_futures=True)
