@@ -131,7 +131,8 @@ def mount_erofs(image: Path, blob: Path, mountpoint: Path, flags: int = MOUNT_FL
         err = ctypes.get_errno()
         if err != errno.EINVAL:
             break
-    raise OSError(err, f"mount erofs {image} at {mountpoint}: {os.strerror(err)}")
+    hint = " (file-backed EROFS needs Linux 6.12+ and the image on a disk file system, not tmpfs)" if err == errno.ENOTBLK else ""
+    raise OSError(err, f"mount erofs {image} at {mountpoint}: {os.strerror(err)}{hint}")
 
 
 def _attr(node: Node) -> bytes:

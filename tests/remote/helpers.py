@@ -3,7 +3,9 @@ Prepare handshake, mounting a chain, and comparing trees."""
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -108,6 +110,27 @@ def kernel_release() -> tuple[int, int]:
     """This kernel's (major, minor) version."""
     major, minor = os.uname().release.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+@functools.cache
+def file_backed_erofs() -> str:
+    """ "" where this machine mounts an EROFS image file (Linux 6.12+, an image on a disk file system, as
+    the tests' temporary folders are); else why not. A one-directory image, mounted and unmounted."""
+    from snapshotter.erofs_image import BlobLayout, write_image
+    from snapshotter.fuse_server import lazy_unmount, mount_erofs
+    from snapshotter.fuse_tree import View
+
+    with tempfile.TemporaryDirectory(prefix="erofs-probe-") as top:
+        view = View([])
+        (Path(top) / "blob").write_bytes(b"")
+        (Path(top) / "mnt").mkdir()
+        write_image(view, BlobLayout(view), Path(top) / "probe.img")
+        try:
+            mount_erofs(Path(top) / "probe.img", Path(top) / "blob", Path(top) / "mnt")
+        except OSError as e:
+            return f"no file-backed EROFS here ({os.uname().release}, temporary folder {top}): {e.strerror}"
+        lazy_unmount(Path(top) / "mnt")
+    return ""
 
 
 def erofs_mounts(root: Path) -> list[str]:

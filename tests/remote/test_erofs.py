@@ -38,9 +38,9 @@ from snapshotter.fuse_tree import View
 from snapshotter.fused import views as views_module
 from snapshotter.fused.indexes import IndexDir
 from snapshotter.fused.views import Views, ViewSpec
-from tests.remote.helpers import kernel_release
+from tests.remote.helpers import file_backed_erofs
 
-needs_erofs = pytest.mark.skipif(kernel_release() < (6, 12), reason="file-backed EROFS needs Linux 6.12+")
+needs_erofs = pytest.mark.skipif(bool(file_backed_erofs()), reason=file_backed_erofs() or "-")
 
 SMALL = b"root:x:0:0:root:/root:/bin/sh\n" * 3
 BIG_A = bytes(range(256)) * 4096  # 1 MiB

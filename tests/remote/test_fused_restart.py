@@ -38,7 +38,7 @@ from snapshotter.fused.indexes import IndexDir
 from snapshotter.fused.views import Views, inode_digest
 from tests.faultproxy import FaultProxy
 from tests.remote.conftest import Image, build_image, convert, liftoff_pull, start_stack
-from tests.remote.helpers import erofs_mounts, kernel_release
+from tests.remote.helpers import erofs_mounts, file_backed_erofs
 from tests.snapshotter.helpers import APPLETS, BUSYBOX
 
 MAX_STALL_MS = 2000
@@ -324,7 +324,7 @@ def test_kill9_twenty_times_under_running_containers(node, images):
     assert len({path for _, path, _ in cold.lines()}) > 20, "the cold reader walked files fetched during the kills"
 
 
-@pytest.mark.skipif(kernel_release() < (6, 12), reason="file-backed EROFS needs Linux 6.12+")
+@pytest.mark.skipif(bool(file_backed_erofs()), reason=file_backed_erofs() or "-")
 def test_kill9_under_running_containers_with_erofs_views(erofs_node, images):
     """EROFS views survive the daemon too: the kernel keeps each image mounted, the blob's connection
     waits in the fd holder, and a new daemon serves the blobs again (same layout, checked by digest)."""
