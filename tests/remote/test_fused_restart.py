@@ -310,16 +310,23 @@ def assert_clean(verdict: dict, node: Node) -> None:
     assert verdict["max_stall_ms"] < stall_bound_ms(node), verdict
 
 
-def test_kill9_twenty_times_under_running_containers(node, images):
+def kill9_under_readers(node: Node, images: list[LayeredImage], times: int, name: str) -> str:
+    """Kill -9 the daemon `times` times under the readers, each restart re-attaching the three views;
+    records the verdict under `name`, checks it is clean, and returns the daemon's log."""
     start_readers(node, images)
     since = now_ms()
-    kill_and_restart(node, 20)
+    kill_and_restart(node, times)
     time.sleep(1.0)
     log = (node.workdir / "fused.log").read_text()
-    assert log.count("re-attached view") >= 20 * 3, "every restart re-attached the three views"
+    assert log.count("re-attached view") >= times * 3, "every restart re-attached the three views"
     verdict = node.verdict(since)
-    record("kill -9 x20 (fd holder)", node, verdict)
+    record(name, node, verdict)
     assert_clean(verdict, node)
+    return log
+
+
+def test_kill9_twenty_times_under_running_containers(node, images):
+    kill9_under_readers(node, images, 20, "kill -9 x20 (fd holder)")
     cold = next(r for r in node.readers if r.name == "cold")
     assert len({path for _, path, _ in cold.lines()}) > 20, "the cold reader walked files fetched during the kills"
 
@@ -330,16 +337,8 @@ def test_kill9_under_running_containers_with_erofs_views(erofs_node, images):
     waits in the fd holder, and a new daemon serves the blobs again (same layout, checked by digest)."""
     node = erofs_node
     assert len(erofs_mounts(node.workdir)) == 3, "the three views are EROFS images"
-    start_readers(node, images)
-    since = now_ms()
-    kill_and_restart(node, 10)
-    time.sleep(1.0)
-    log = (node.workdir / "fused.log").read_text()
-    assert log.count("re-attached view") >= 10 * 3, "every restart re-attached the three views"
+    log = kill9_under_readers(node, images, 10, "kill -9 x10, EROFS views (fd holder)")
     assert "mounting the view afresh" not in log
-    verdict = node.verdict(since)
-    record("kill -9 x10, EROFS views (fd holder)", node, verdict)
-    assert_clean(verdict, node)
     assert len(erofs_mounts(node.workdir)) == 3
 
 
