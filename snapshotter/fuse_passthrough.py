@@ -71,8 +71,8 @@ class BackingFiles:
         entry of the same path replaces)."""
         index = view.layers[node.layer]
         h = hashlib.sha256(struct.pack("<Q", node.size))
-        for extent in node.extents:
-            h.update(index.chunks[extent.chunk].sha256 + struct.pack("<QQ", extent.offset, extent.length))
+        for chunk, offset, length in view.spans(node):
+            h.update(chunk.sha256 + struct.pack("<QQ", offset, length))
         return self.dir / (index.layer_digest.split(":")[-1] or "unknown") / h.hexdigest()
 
     def missing(self, view: View, node: Node) -> list[tuple[bytes, int]]:

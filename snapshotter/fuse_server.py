@@ -41,6 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from layerstore.errors import FormatError
 from layerstore.fetch import ChunkFetcher, ChunkUnavailable
 from snapshotter import fuse_kernel as k
 from snapshotter.fuse_passthrough import BackingFiles, InodeStates, register
@@ -521,6 +522,8 @@ class FuseSession:
             if path is None:
                 return 0
             backing_id = register(self.fd, path)
+        except FormatError:
+            return 0  # its extents are corrupt: its reads come to us, and are refused with the reason
         except OSError as e:
             if e.errno in (errno.EPERM, errno.ELOOP, errno.ENOTTY, errno.EOPNOTSUPP):
                 self._passthrough_broken = True
@@ -549,7 +552,12 @@ class FuseSession:
         if node.children is not None or not stat.S_ISREG(node.mode):
             self._reply(unique, error=errno.EISDIR if node.is_dir else errno.EINVAL)
             return
-        pieces = self.view.extents_for(node, offset, size)
+        try:
+            pieces = self.view.extents_for(node, offset, size)
+        except FormatError as e:
+            log.error("view %s: read of inode %d refused: %s", self.label, node.ino, e)
+            self._reply(unique, error=errno.EIO)
+            return
         if self.on_read is not None:
             self.on_read(node, offset, size)
         # Answered here when every piece is cached (one cache look-up each); else on the fetch pool.

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
-from layerstore.errors import LiftoffError
+from layerstore.errors import FormatError, LiftoffError
 from layerstore.fetch import ChunkFetcher
 from snapshotter.fuse_passthrough import BackingFiles
 from snapshotter.fuse_tree import View
@@ -114,9 +114,14 @@ class Prefetcher:
             if node is None or not stat.S_ISREG(node.mode) or node.size == 0 or node.nlink < 1 or not node.extents:
                 continue
             index = view.layers[node.layer]
-            if not any(index.chunks[e.chunk].sha256 in hot for e in node.extents):
+            chunks = index.chunks  # extents not checked yet (View.spans): an extent outside them is skipped here
+            if not any(e.chunk < len(chunks) and chunks[e.chunk].sha256 in hot for e in node.extents):
                 continue
-            missing = [(sha, size) for sha, size in self.backing.missing(view, node) if sha not in extra]
+            try:
+                missing = [(sha, size) for sha, size in self.backing.missing(view, node) if sha not in extra]
+            except FormatError as e:
+                log.warning("%s: not completing a file: %s", label, e)
+                continue
             cost = sum(size for _, size in missing)
             if cost > COMPLETE_FILE_BYTES or spent + cost > budget:
                 continue

@@ -230,7 +230,8 @@ class Views:
         paused = gc.isenabled()
         gc.disable()
         try:
-            return View([self.indexes.load(d) for d in spec.layers], spec.layers_below)
+            # each file's extents are checked when it is first read (View.spans): a start reads few
+            return View([self.indexes.load(d, check_extents=False) for d in spec.layers], spec.layers_below)
         finally:
             if paused:
                 gc.enable()

@@ -45,6 +45,8 @@ def _view(store: FileStore) -> View:
     index.entries.add(path=b"", type=index_pb2.ENTRY_TYPE_DIRECTORY, mode=0o755)
     entry = index.entries.add(path=b"file", type=index_pb2.ENTRY_TYPE_REGULAR, mode=0o644, size=len(DATA))
     entry.extents.add(chunk=0, offset=0, length=len(DATA))
+    bad = index.entries.add(path=b"bad", type=index_pb2.ENTRY_TYPE_REGULAR, mode=0o644, size=len(DATA))
+    bad.extents.add(chunk=0, offset=1, length=len(DATA))  # one byte past its chunk: a corrupt index
     return View([index])
 
 
@@ -107,5 +109,21 @@ def test_a_read_whose_cached_chunk_cannot_be_read_gets_eio(session):
     path.unlink()
     path.mkdir()
     assert _read_in_subprocess(mountpoint / "file") == str(errno.EIO)
-    assert sorted(os.listdir(mountpoint)) == ["file"]  # the reader threads still serve
+    assert sorted(os.listdir(mountpoint)) == ["bad", "file"]  # the reader threads still serve
+    assert fuse.alive()
+
+
+def test_a_file_whose_extent_lies_outside_its_chunk_reads_eio_with_the_reason(session, caplog):
+    """The daemon loads indexes without checking every extent (a start reads few files): a file's
+    extents are checked on its first read. The corrupt one is refused in one line; the others read."""
+    mount, mountpoint, _ = session
+    fuse, _ = mount()
+    assert _read_in_subprocess(mountpoint / "bad") == str(errno.EIO)
+    assert _read_in_subprocess(mountpoint / "file") == "read"
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused and all(
+        m.startswith("view errors: read of inode ") and f"layer sha256:{'ab' * 32} is corrupt: file b'bad' points outside" in m
+        for m in refused
+    ), refused
+    assert not [r for r in caplog.records if r.exc_info]  # a reason, not a traceback
     assert fuse.alive()
