@@ -118,6 +118,14 @@ def register(subparsers) -> None:
         "blob: the kernel answers lookups, attributes, listings and xattrs itself; older kernels fall back to FUSE views",
     )
     f.add_argument(
+        "--no-page-fill",
+        dest="page_fill",
+        action="store_false",
+        default=True,
+        help="do not put the bytes of the startup profile's files in the kernel's page cache ahead of a start "
+        "(FUSE_NOTIFY_STORE); its reads then each ask the daemon",
+    )
+    f.add_argument(
         "--no-erofs",
         dest="erofs",
         action="store_false",
@@ -314,6 +322,7 @@ def run_fused(args: argparse.Namespace) -> int:
         resend=args.resend,
         passthrough=args.fuse_passthrough,
         erofs=args.erofs,
+        page_fill=args.page_fill,
         max_readahead=args.max_readahead,
         prefetch_threads=args.prefetch_threads,
         fill_rate=float(args.fill_rate),

@@ -269,12 +269,15 @@ class FusedClient:
         layers_below: bool,
         profile: list[dict] | None = None,
         image: str | None = None,
+        files: list[str] | None = None,
     ) -> Path:
-        """Mount the view unless it is; returns its mount point. A fresh mount prefetches `profile`."""
+        """Mount the view unless it is; returns its mount point. A fresh mount prefetches `profile` and
+        puts the bytes of its `files` in the kernel's page cache."""
         request = pb.MountRequest(
             view=pb.ViewSpec(view_id=view, layers=layers, layers_below=layers_below),
             profile=profile_chunks_to_pb(profile or []),
             image=image or "",
+            files=files or [],
         )
         return Path(_typed(pb.MountResponse, self._call("Mount", request)).mountpoint)
 

@@ -35,6 +35,8 @@ PASSTHROUGH = 1 << (37 - 32)  # in flags2: reads of an open file served from a b
 MAX_STACK_DEPTH = 1  # INIT reply with PASSTHROUGH: backing files on a plain filesystem, overlayfs may stack on us
 
 # notifications: an unsolicited write of OUT_HEADER with unique 0 and error = the code
+NOTIFY_INVAL_INODE = 2  # drop an inode's cached pages (and attributes)
+NOTIFY_STORE = 4  # put bytes in an inode's page cache (the kernel must hold the inode)
 NOTIFY_RESEND = 7  # put every request read but not answered back on the queue
 UNIQUE_RESEND = 1 << 63  # set in the unique of a request the kernel queued again
 
@@ -70,3 +72,5 @@ DIRENT = struct.Struct("<QQII")  # ino off namelen type
 KSTATFS = struct.Struct("<QQQQQIII")  # blocks bfree bavail files ffree bsize namelen frsize (+ padding, spare[6])
 KSTATFS_SIZE = 80
 UNIQUE = struct.Struct("<Q")
+NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid offset size padding
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino offset length (0, 0: all of it)

@@ -211,6 +211,7 @@ class FuseSession:
         # as "none") instead of asking for overlayfs's trusted.overlay.* on every lookup.
         self._no_xattrs = not any(n is not None and n.xattrs for n in view.nodes)
         self._entries: dict[int, bytes] = {}  # ino -> entry_out (valid for as long as we run)
+        self.read_inos: set[int] = set()  # inodes a READ asked for (a page fill skips them)
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}
         self._statfs = self._make_statfs()
         self._handlers = {
@@ -558,6 +559,7 @@ class FuseSession:
             log.error("view %s: read of inode %d refused: %s", self.label, node.ino, e)
             self._reply(unique, error=errno.EIO)
             return
+        self.read_inos.add(node.ino)
         if self.on_read is not None:
             self.on_read(node, offset, size)
         # Answered here when every piece is cached (one cache look-up each); else on the fetch pool.

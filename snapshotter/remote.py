@@ -194,7 +194,8 @@ class RemoteLayers:
             profile = (record.profile or {}).get("chunks")
             if profile:  # at once, whoever mounts the view first: a container's mount carries no profile
                 self.fused.prefetch(record.manifest_digest, profile)
-            self.fused.mount(view_id(layers, False), layers, False, profile=profile, image=record.manifest_digest)
+            files = (record.profile or {}).get("files") if profile else None
+            self.fused.mount(view_id(layers, False), layers, False, profile=profile, image=record.manifest_digest, files=files)
             log.info(
                 "mounted the view of %s early%s",
                 record.manifest_digest,

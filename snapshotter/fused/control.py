@@ -115,7 +115,7 @@ class FusedService(pb_grpc.FusedServicer):
     @_rpc
     def Mount(self, request: pb.MountRequest) -> pb.MountResponse:
         spec = _spec(request.view)
-        path = self.daemon.mount(spec, _profile(request.profile), request.image or None)
+        path = self.daemon.mount(spec, _profile(request.profile), request.image or None, list(request.files))
         return pb.MountResponse(mountpoint=str(path))
 
     @_rpc

@@ -26,6 +26,7 @@ from snapshotter.fused.indexes import IndexDir
 from snapshotter.fused.metrics import FusedMetrics
 from snapshotter.fused.recording import Recordings
 from snapshotter.fused.views import Views, ViewSpec
+from snapshotter.page_fill import PageFill
 from snapshotter.prefetch import Prefetcher, ProfileChunk
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class FuseDaemon:
         resend: bool = True,
         passthrough: bool = False,
         erofs: bool = False,
+        page_fill: bool = True,
         lock_wait: float = 0.0,
         metrics: FusedMetrics | None = None,
     ) -> None:
@@ -89,6 +91,7 @@ class FuseDaemon:
         )
         self.prefetcher = Prefetcher(self.fetcher, prefetch_threads, fill_rate, self.backing)
         self.recordings = Recordings(self.root / "traces", learn_seconds)
+        self.page_fill = page_fill
         self.stopping = threading.Event()
         self.shutdown_requested = False  # Shutdown RPC: unmount everything (SIGTERM with an fd store: leave)
         if metrics is not None:
@@ -125,9 +128,17 @@ class FuseDaemon:
         log.info("handed %d views over (%d reads in flight left to be resent)", len(fds), unanswered)
         return sorted(fds), unanswered
 
-    def mount(self, spec: ViewSpec, profile: list[ProfileChunk] | None = None, image: str | None = None) -> Path:
+    def mount(
+        self,
+        spec: ViewSpec,
+        profile: list[ProfileChunk] | None = None,
+        image: str | None = None,
+        files: list[str] | None = None,
+    ) -> Path:
         """Mount a view unless it is mounted; returns the mount point. A fresh mount starts prefetching
-        `profile` (once per image) and, with --learn-seconds, records its first seconds."""
+        `profile` (once per image), putting the bytes of the profile's `files` in the page cache as they
+        come, and, with --learn-seconds, records its first seconds (then without the page fill, whose
+        pages would hide the start's reads from the recording)."""
         mounted, fresh = self.views.mount(spec)
         if fresh:
             if self.metrics is not None:
@@ -137,6 +148,13 @@ class FuseDaemon:
                     spec.view_id, mounted.view, profile if self.prefetcher.claim(image) else None, complete=profile
                 )
             self.recordings.learn(mounted)
+            if profile and files and self.page_fill and not mounted.erofs and mounted.on_read is None:
+                session = mounted.session
+                if session.states is None:  # passthrough: the kernel reads local files itself
+                    hot = {chunk.sha256 for chunk in profile}
+                    mounted.fill = PageFill(
+                        session.fd, mounted.view, mounted.mountpoint, files, hot, self.cache, session.read_inos
+                    ).start()
         return mounted.mountpoint
 
     def prefetch(self, image: str, profile: list[ProfileChunk]) -> None:
@@ -152,6 +170,8 @@ class FuseDaemon:
         mounted = self.views.get(spec.view_id)
         if mounted is None:
             raise LiftoffError(f"view {spec.view_id} was unmounted meanwhile")
+        if mounted.fill is not None:  # pages given ahead would hide the start's reads from the recording
+            mounted.fill.drop()
         self.recordings.start(mounted)
 
     def stop_recording(self, view_id: str) -> dict:

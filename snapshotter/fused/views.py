@@ -38,6 +38,7 @@ from snapshotter.fuse_server import MOUNT_FLAGS, FuseSession, OnRead, lazy_unmou
 from snapshotter.fuse_tree import View
 from snapshotter.fused.fdstore import FdStore
 from snapshotter.fused.indexes import IndexDir
+from snapshotter.page_fill import PageFill
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class MountedView:
         self.inodes = inodes
         self.erofs = erofs
         self.on_read: OnRead | None = None
+        self.fill: PageFill | None = None  # the page cache being filled for a start (daemon.mount)
 
     def alive(self) -> bool:
         return self.session.alive()
@@ -409,6 +411,8 @@ class Views:
         and forget it."""
         with self._lock:
             mounted = self._views.pop(view_id, None)
+            if mounted is not None and mounted.fill is not None:
+                mounted.fill.stop.set()
             (self.records / f"{view_id}.json").unlink(missing_ok=True)
             (self.records / f"{view_id}.inodes").unlink(missing_ok=True)
             if mounted is None:

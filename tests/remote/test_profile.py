@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 
 from converter.relayout import _hot_spans, relayout_layer
@@ -51,6 +52,14 @@ def test_record_relayout_and_prefetch(tmp_path_factory, conformance_image, store
         status = stack.fused().status()
         assert status.prefetch.profile_chunks == len(profile["chunks"])
         assert status.fetch.chunks == len(profile["chunks"]), status  # every read was covered by the profile
+        # the profile's files went into the page cache as the prefetch brought them (snapshotter/page_fill.py)
+        deadline = time.monotonic() + 10
+        while not (
+            filled := re.search(rb"page fill of view \w+: (\d+) files", (stack.root / "remote" / "fused.log").read_bytes())
+        ):
+            assert time.monotonic() < deadline, "no page fill"
+            time.sleep(0.1)
+        assert int(filled[1]) >= 1
     finally:
         stack.stop()
 

@@ -43,14 +43,16 @@ class ProfileChunk(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., sha256: _Optional[bytes] = ..., size: _Optional[int] = ..., stored_size: _Optional[int] = ...) -> None: ...
 
 class MountRequest(_message.Message):
-    __slots__ = ("view", "profile", "image")
+    __slots__ = ("view", "profile", "image", "files")
     VIEW_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     view: ViewSpec
     profile: _containers.RepeatedCompositeFieldContainer[ProfileChunk]
     image: str
-    def __init__(self, view: _Optional[_Union[ViewSpec, _Mapping]] = ..., profile: _Optional[_Iterable[_Union[ProfileChunk, _Mapping]]] = ..., image: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, view: _Optional[_Union[ViewSpec, _Mapping]] = ..., profile: _Optional[_Iterable[_Union[ProfileChunk, _Mapping]]] = ..., image: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MountResponse(_message.Message):
     __slots__ = ("mountpoint",)
