@@ -151,9 +151,9 @@ class FuseDaemon:
             if profile and files and self.page_fill and not mounted.erofs and mounted.on_read is None:
                 session = mounted.session
                 if session.states is None:  # passthrough: the kernel reads local files itself
-                    hot = {chunk.sha256 for chunk in profile}
+                    order = [chunk.sha256 for chunk in profile]
                     mounted.fill = PageFill(
-                        session.fd, mounted.view, mounted.mountpoint, files, hot, self.cache, session.read_inos
+                        session.fd, mounted.view, mounted.mountpoint, files, order, self.cache, session.read_inos
                     ).start()
         return mounted.mountpoint
 

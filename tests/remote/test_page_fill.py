@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,8 +68,8 @@ class Node:
         for sha256 in sha256s:
             self.fetcher.read(sha256, sizes[sha256], 0, 1, LAYER)
 
-    def fill(self, files: list[str], hot: set[bytes]) -> PageFill:
-        fill = PageFill(self.session.fd, self.view, self.mountpoint, files, hot, self.cache, self.session.read_inos)
+    def fill(self, files: list[str], profile: list[bytes]) -> PageFill:
+        fill = PageFill(self.session.fd, self.view, self.mountpoint, files, profile, self.cache, self.session.read_inos)
         return fill.start()
 
     def reads(self) -> int:
@@ -88,9 +89,9 @@ def node(tmp_path):
 
 
 def test_filled_files_are_read_without_asking_the_daemon(node):
-    hot = set(node.chunks("dir/first") + node.chunks("second"))
-    fill = node.fill(["/dir/first", "/no/such/file", "/dir", "/second"], hot)
-    node.fetch(sorted(hot))  # the prefetch brings the chunks after the fill started: it waits for them
+    profile = node.chunks("dir/first") + node.chunks("second")
+    fill = node.fill(["/dir/first", "/no/such/file", "/dir", "/second"], profile)
+    node.fetch(profile)  # the prefetch brings the chunks after the fill started: it waits for them
     fill.thread.join(10)
     assert not fill.thread.is_alive()
     assert (fill.pushed_files, fill.pushed_bytes) == (2, 2 * sum(SIZES))
@@ -102,7 +103,7 @@ def test_filled_files_are_read_without_asking_the_daemon(node):
 def test_only_local_whole_pages_are_given_and_the_rest_is_read(node):
     first, _middle, last = node.chunks("second")
     node.fetch([first, last])  # the middle chunk is not in the profile, not cached
-    fill = node.fill(["/second"], {first, last})
+    fill = node.fill(["/second"], [first, last])
     fill.thread.join(10)
     # chunk 1 ends at 5,001: its partial last page is not given; chunk 3 starts at 75,004 (its first
     # whole page at 77,824) and runs to the end of the file
@@ -114,28 +115,64 @@ def test_only_local_whole_pages_are_given_and_the_rest_is_read(node):
 def test_local_runs_cut_partial_pages_except_at_the_end_of_the_file(node):
     first, _, last = node.chunks("dir/first")
     node.fetch([first, last])
-    runs = local_runs(node.view, node.view.resolve(b"dir/first"), node.cache)
+    runs, covered = local_runs(node.view, node.view.resolve(b"dir/first"), node.cache)
+    assert covered == {0, 2}
     assert [(begin, end) for begin, end, _ in runs] == [(0, 4096), (77_824, sum(SIZES))]
     assert [sum(size for _, _, size in pieces) for _, _, pieces in runs] == [4096, sum(SIZES) - 77_824]
     assert runs[1][2][0][1] == 77_824 - (SIZES[0] + SIZES[1])  # the last chunk read from its offset 2,820
 
 
-def test_a_file_the_start_read_first_is_left_alone(node):
-    hot = set(node.chunks("dir/first"))
-    node.fetch(sorted(hot))
+def test_a_file_whose_chunks_come_apart_is_filled_as_they_come(node):
+    """A large file read here and there: its first profile chunk comes early, its last one late. The
+    fill gives what has come and goes on with the next files, and comes back for the rest."""
+    a1, a2, a3 = node.chunks("dir/first")
+    b1, b2, b3 = node.chunks("second")
+    profile = [a1, b1, b2, b3, a2, a3]  # the second file's chunks between the first file's
+    node.fetch([a1, b1, b2, b3])
+    fill = node.fill(["/dir/first", "/second"], profile)
+    deadline = time.monotonic() + 10
+    while fill.pushed_files < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fill.pushed_files == 2 and fill.thread.is_alive()  # waiting for the rest of the first file
+    node.fetch([a2, a3])
+    fill.thread.join(10)
+    assert not fill.thread.is_alive()
+    # the page across the first chunk's end went with the second push, taken from the cached first chunk
+    assert fill.pushed_bytes == 2 * sum(SIZES)
+    for name, data in node.data.items():
+        assert (node.mountpoint / name).read_bytes() == data
+    assert node.reads() == 0
+
+
+def test_a_small_file_the_start_read_first_is_left_alone(node):
+    profile = node.chunks("dir/first")
+    node.fetch(profile)
     assert (node.mountpoint / "dir/first").read_bytes() == node.data["dir/first"]
-    fill = node.fill(["/dir/first"], hot)
+    fill = node.fill(["/dir/first"], profile)
     fill.thread.join(10)
     assert fill.pushed_files == 0
 
 
 def test_dropping_the_fill_takes_its_pages_back(node):
     """A recording starting on a filled view must see every read: the pages given are dropped."""
-    hot = set(node.chunks("dir/first"))
-    node.fetch(sorted(hot))
-    fill = node.fill(["/dir/first"], hot)
+    profile = node.chunks("dir/first")
+    node.fetch(profile)
+    fill = node.fill(["/dir/first"], profile)
     fill.thread.join(10)
     assert fill.pushed_files == 1
     fill.drop()
     assert (node.mountpoint / "dir/first").read_bytes() == node.data["dir/first"]
     assert node.reads() >= 1
+
+
+def test_a_file_the_kernel_holds_already_is_filled_without_a_lookup(node):
+    """Listing a directory (READDIRPLUS) makes the kernel hold its entries' inodes: the fill asks the
+    kernel first (an empty store) and looks up only the files it does not hold."""
+    profile = node.chunks("dir/first") + node.chunks("second")
+    node.fetch(profile)
+    assert sorted(os.listdir(node.mountpoint / "dir")) == ["first"]
+    fill = node.fill(["/dir/first", "/second"], profile)
+    fill.thread.join(10)
+    assert (fill.pushed_files, fill.looked_up) == (2, 1)  # /second was not listed: looked up
+    assert (node.mountpoint / "dir/first").read_bytes() == node.data["dir/first"]
+    assert node.reads() == 0
