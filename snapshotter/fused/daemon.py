@@ -25,7 +25,7 @@ from snapshotter.fused.fdstore import FdStore, close_all
 from snapshotter.fused.indexes import IndexDir
 from snapshotter.fused.metrics import FusedMetrics
 from snapshotter.fused.recording import Recordings
-from snapshotter.fused.views import Views, ViewSpec
+from snapshotter.fused.views import MountedView, Views, ViewSpec
 from snapshotter.page_fill import PageFill
 from snapshotter.prefetch import Prefetcher, ProfileChunk
 
@@ -92,6 +92,7 @@ class FuseDaemon:
         self.prefetcher = Prefetcher(self.fetcher, prefetch_threads, fill_rate, self.backing)
         self.recordings = Recordings(self.root / "traces", learn_seconds)
         self.page_fill = page_fill
+        self._fill_lock = threading.Lock()
         self.stopping = threading.Event()
         self.shutdown_requested = False  # Shutdown RPC: unmount everything (SIGTERM with an fd store: leave)
         if metrics is not None:
@@ -136,9 +137,9 @@ class FuseDaemon:
         files: list[str] | None = None,
     ) -> Path:
         """Mount a view unless it is mounted; returns the mount point. A fresh mount starts prefetching
-        `profile` (once per image), putting the bytes of the profile's `files` in the page cache as they
-        come, and, with --learn-seconds, records its first seconds (then without the page fill, whose
-        pages would hide the start's reads from the recording)."""
+        `profile` (once per image) and, with --learn-seconds, records its first seconds. Given the
+        profile's `files`, the view's page cache is filled with their bytes as they come (once per
+        view, even if a container's mount came first; not while the view is recorded)."""
         mounted, fresh = self.views.mount(spec)
         if fresh:
             if self.metrics is not None:
@@ -148,14 +149,20 @@ class FuseDaemon:
                     spec.view_id, mounted.view, profile if self.prefetcher.claim(image) else None, complete=profile
                 )
             self.recordings.learn(mounted)
-            if profile and files and self.page_fill and not mounted.erofs and mounted.on_read is None:
-                session = mounted.session
-                if session.states is None:  # passthrough: the kernel reads local files itself
-                    order = [chunk.sha256 for chunk in profile]
-                    mounted.fill = PageFill(
-                        session.fd, mounted.view, mounted.mountpoint, files, order, self.cache, session.read_inos
-                    ).start()
+        if profile and files and self.page_fill:
+            self._fill(mounted, profile, files)
         return mounted.mountpoint
+
+    def _fill(self, mounted: MountedView, profile: list[ProfileChunk], files: list[str]) -> None:
+        """Start the view's page fill, unless it has had one, is recorded (the pages would hide the
+        start's reads from the recording) or is not read through FUSE alone (EROFS, passthrough)."""
+        session = mounted.session
+        with self._fill_lock:
+            if mounted.fill is not None or mounted.erofs or mounted.on_read is not None or session.states is not None:
+                return
+            order = [chunk.sha256 for chunk in profile]
+            fill = PageFill(session.fd, mounted.view, mounted.mountpoint, files, order, self.cache, session.read_inos)
+            mounted.fill = fill.start()
 
     def prefetch(self, image: str, profile: list[ProfileChunk]) -> None:
         """Fetch an image's startup profile into the cache, before any view of it exists (once per image)."""
@@ -170,9 +177,11 @@ class FuseDaemon:
         mounted = self.views.get(spec.view_id)
         if mounted is None:
             raise LiftoffError(f"view {spec.view_id} was unmounted meanwhile")
-        if mounted.fill is not None:  # pages given ahead would hide the start's reads from the recording
-            mounted.fill.drop()
-        self.recordings.start(mounted)
+        with self._fill_lock:  # no page fill starts once the recording has
+            self.recordings.start(mounted)
+            fill = mounted.fill
+        if fill is not None:  # pages given ahead would hide the start's reads from the recording
+            fill.drop()
 
     def stop_recording(self, view_id: str) -> dict:
         return self.recordings.stop(view_id)

@@ -69,7 +69,7 @@ class Daemon:
         self.notify.bind(str(workdir / notify))
         self.notify.settimeout(30)
         self.log = open(workdir / "fused.log", "ab")  # noqa: SIM115 (the child's log, open while it runs)
-        argv = [sys.executable, "-m", "liftoff", "fused", "--root", str(self.root), "--store", store_url]
+        argv = [sys.executable, "-m", "liftoff", "--log-level", "info", "fused", "--root", str(self.root), "--store", store_url]
         env = {**os.environ, "NOTIFY_SOCKET": str(workdir / notify)}
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
         self.ready = self.notify.recv(4096)  # READY=1 once it answers
@@ -147,6 +147,25 @@ def test_every_rpc_through_a_real_daemon(daemon):
     assert daemon.notify.recv(4096) == b"STOPPING=1"
     with pytest.raises(FusedUnavailable, match=f"the liftoff FUSE daemon is not running at {daemon.root / 'fused.sock'}"):
         client.views()
+
+
+def test_the_page_fill_comes_with_the_profile_and_leaves_for_a_recording(daemon):
+    """A container's mount may come before the early mount that carries the profile's files: the view
+    still gets its page fill then. A recording that starts on it drops the pages given (it must see
+    every read of the start)."""
+    client, vid = daemon.client, view_id([LAYER], False)
+    mountpoint = client.mount(vid, [LAYER], False)  # the container's mount, without a profile
+    image, files = "sha256:" + "e1" * 32, ["/app/a.txt", "/app/b.txt"]
+    client.prefetch(image, daemon.profile)  # as the snapshotter's early mount does (remote.py)
+    assert client.mount(vid, [LAYER], False, profile=daemon.profile, image=image, files=files) == mountpoint
+    log = daemon.root.parent / "fused.log"
+    deadline = time.monotonic() + 20
+    while f"page fill of view {vid}: 2 files".encode() not in log.read_bytes():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    client.start_recording(vid, [LAYER], False)
+    assert (mountpoint / "app" / "a.txt").read_bytes() == FILES[b"app/a.txt"]
+    assert client.stop_recording(vid)["files"] == ["/app/a.txt"]  # read through the daemon, so recorded
 
 
 def test_a_client_needing_a_capability_the_daemon_lacks_names_both_versions(daemon):
