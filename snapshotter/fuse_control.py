@@ -271,8 +271,8 @@ class FusedClient:
         image: str | None = None,
         files: list[str] | None = None,
     ) -> Path:
-        """Mount the view unless it is; returns its mount point. A fresh mount prefetches `profile` and
-        puts the bytes of its `files` in the kernel's page cache."""
+        """Mount the view unless it is; returns its mount point. A fresh mount prefetches `profile`; the
+        bytes of the profile's `files` are put in the view's page cache (once per view)."""
         request = pb.MountRequest(
             view=pb.ViewSpec(view_id=view, layers=layers, layers_below=layers_below),
             profile=profile_chunks_to_pb(profile or []),
